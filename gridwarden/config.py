@@ -1,0 +1,113 @@
+"""Configuration: validated once at start into a frozen, typed object.
+
+Sources, later ones winning: defaults < TOML file (``--config``) < environment
+(``GRIDWARDEN_*``) < command-line flags. Every duration carries its unit in its name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_MAX_PAYLOAD_BYTES = 16 * 1024
+DEFAULT_BATCH_MAX_MESSAGES = 2000
+DEFAULT_BATCH_MAX_DELAY_MS = 50
+DEFAULT_DEDUP_WINDOW_S = 24 * 3600
+DEFAULT_LAST_SEEN_FLUSH_S = 2.0
+DEFAULT_INGEST_QUEUE_MAX = 20_000
+
+
+def default_data_dir() -> Path:
+    """Root cannot hand a directory under /root to the unprivileged database account."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/gridwarden")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "gridwarden"
+
+
+class ConfigError(Exception):
+    """Bad configuration; the message names the key and the bad value (exit code 2)."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRIDWARDEN_", frozen=True, extra="forbid")
+
+    database_url: str | None = Field(
+        default=None, description="postgresql://…; unset: a private embedded PostgreSQL"
+    )
+    mqtt_url: str | None = Field(
+        default=None, description="mqtt://user:pass@host:port (mqtts:// for TLS); unset: embedded"
+    )
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=DEFAULT_HTTP_PORT, ge=0, le=65535)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    topic_prefix: str = Field(default="gw", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    mqtt_client_id: str = Field(default="gridwarden-ingest", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, ge=256, le=1024 * 1024)
+    batch_max_messages: int = Field(default=DEFAULT_BATCH_MAX_MESSAGES, ge=1, le=100_000)
+    batch_max_delay_ms: int = Field(default=DEFAULT_BATCH_MAX_DELAY_MS, ge=1, le=10_000)
+    ingest_queue_max: int = Field(default=DEFAULT_INGEST_QUEUE_MAX, ge=100)
+    dedup_window_s: int = Field(default=DEFAULT_DEDUP_WINDOW_S, ge=60)
+    last_seen_flush_s: float = Field(default=DEFAULT_LAST_SEEN_FLUSH_S, gt=0)
+    telemetry_retention_days: int = Field(default=365, ge=1)
+    telemetry_compress_after_days: int = Field(default=7, ge=1)
+    credential_hash_key: str = Field(
+        default="gridwarden-dev-key", description="key for hashing card numbers; set in production"
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must start with postgresql://")
+        return value
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("mqtt://", "mqtts://")):
+            raise ValueError("must start with mqtt:// or mqtts://")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = os.environ.get("GRIDWARDEN_CONFIG_FILE")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings, turning validation errors into one ConfigError naming key and value."""
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file {config_file}: not found")
+        os.environ["GRIDWARDEN_CONFIG_FILE"] = str(config_file)
+    flags = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**flags)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"]) or "?"
+            env_key = f"GRIDWARDEN_{key.upper()}"
+            problems.append(f"{env_key}={error.get('input')!r}: {error['msg']}")
+        raise ConfigError("bad configuration: " + "; ".join(problems)) from exc
