@@ -122,3 +122,16 @@ CREATE TABLE device_events (
     data             jsonb
 );
 CREATE INDEX device_events_device_time_idx ON device_events (device_id, time DESC);
+
+-- API tokens: only a SHA-256 of the token is kept. Tokens are 256-bit random, so a
+-- fast hash is enough, and looking up by hash never compares secrets byte by byte.
+CREATE TABLE api_tokens (
+    id          bigserial PRIMARY KEY,
+    token_hash  text NOT NULL UNIQUE,
+    role        text NOT NULL CHECK (role IN ('operator', 'worker', 'admin')),
+    worker_id   text REFERENCES workers (id) ON DELETE CASCADE,
+    label       text NOT NULL DEFAULT '',
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    revoked_at  timestamptz,
+    CHECK ((role = 'worker') = (worker_id IS NOT NULL))
+);

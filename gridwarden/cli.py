@@ -1,0 +1,205 @@
+"""The `gridwarden` command line (CONTRACT §1)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import click
+
+from gridwarden.config import ConfigError, Settings, load_settings
+from gridwarden.supervisor import TaskDied
+
+T = TypeVar("T")
+EXIT_BAD_CONFIG = 2
+EXIT_FAILED = 1
+
+
+def _settings_epilog() -> str:
+    lines = ["\b", "Settings (environment variables; flags override them):"]
+    for name, info in Settings.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        lines.append(f"  GRIDWARDEN_{name.upper():<32} default: {default}")
+    return "\n".join(lines)
+
+
+def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--config", "config_file", type=click.Path(path_type=Path),
+                     help="TOML file with settings (keys as in the list below, lower case)"),
+        click.option("--database-url", help="postgresql://…; unset: embedded PostgreSQL"),
+        click.option("--mqtt-url", help="mqtt://user:pass@host:port; unset: embedded Mosquitto"),
+        click.option("--data-dir", type=click.Path(path_type=Path)),
+        click.option("--http-host"),
+        click.option("--http-port", type=int),
+        click.option("--topic-prefix"),
+        click.option("-v", "--verbose", is_flag=True, help="debug logging"),
+    ]  # fmt: skip
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _settings(ctx_args: dict[str, Any]) -> Settings:
+    config_file = ctx_args.pop("config_file", None)
+    verbose = ctx_args.pop("verbose", False)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    try:
+        return load_settings(config_file, **ctx_args)
+    except ConfigError as exc:
+        click.echo(f"gridwarden: {exc}", err=True)
+        sys.exit(EXIT_BAD_CONFIG)
+
+
+@contextmanager
+def _services(settings: Settings) -> Iterator[tuple[str, str]]:
+    from gridwarden.embedded import embedded_services
+
+    with embedded_services(settings) as urls:
+        yield urls
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+@click.group()
+@click.version_option(package_name="gridwarden")
+def main() -> None:
+    """gridwarden: IoT alarms turned into cases for the responsible grid worker."""
+
+
+@main.command(epilog=_settings_epilog())
+@common_options
+def up(**kwargs: Any) -> None:
+    """Run the whole service until SIGTERM/SIGINT."""
+    settings = _settings(kwargs)
+    _serve(settings, demo=False)
+
+
+@main.command(epilog=_settings_epilog())
+@common_options
+@click.option("--speedup", default=30.0, show_default=True, help="simulated time per real second")
+def demo(speedup: float, **kwargs: Any) -> None:
+    """`up` plus a sample city and the device simulator."""
+    settings = _settings(kwargs)
+    _serve(settings, demo=True, speedup=speedup)
+
+
+def _serve(settings: Settings, *, demo: bool, speedup: float = 30.0) -> None:
+    from gridwarden.service import run_service
+
+    try:
+        with _services(settings) as (database_url, mqtt_url):
+            extra: dict[str, Any] = {}
+            ready = _print_ready
+            if demo:
+                from gridwarden.demo import prepare_demo
+
+                extra, ready = _run(prepare_demo(settings, database_url, mqtt_url, speedup))
+            _run(run_service(settings, database_url, mqtt_url, extra_tasks=extra, on_ready=ready))
+    except TaskDied as exc:
+        click.echo(f"gridwarden: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    except OSError as exc:
+        click.echo(f"gridwarden: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+def _print_ready(url: str) -> None:
+    click.echo(f"gridwarden is up: {url}  (metrics at {url}/metrics)")
+
+
+@main.command()
+@common_options
+def migrate(**kwargs: Any) -> None:
+    """Bring the database schema to the current version (idempotent)."""
+    from gridwarden.migrate import migrate as run_migrations
+
+    settings = _settings(kwargs)
+    with _services(settings) as (database_url, _):
+        applied = _run(run_migrations(database_url))
+    click.echo("applied: " + ", ".join(applied) if applied else "schema is up to date")
+
+
+@main.group(name="import")
+def import_group() -> None:
+    """Load the grid, device and worker registries (CONTRACT §4)."""
+
+
+def _import_command(kind: str) -> None:
+    @import_group.command(name=kind, epilog=_settings_epilog())
+    @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+    @common_options
+    def command(file: Path, **kwargs: Any) -> None:
+        from gridwarden.registry import RegistryError, import_file
+
+        settings = _settings(kwargs)
+        with _services(settings) as (database_url, _):
+            try:
+                report = _run(_with_connection(database_url, import_file, kind, file, settings))
+            except RegistryError as exc:
+                click.echo(f"{file}: rejected, nothing was changed:", err=True)
+                for problem in exc.problems:
+                    click.echo(f"  - {problem}", err=True)
+                sys.exit(EXIT_FAILED)
+        click.echo(report.summary())
+
+    command.__doc__ = f"Import the {kind} registry from FILE; a bad file changes nothing."
+
+
+for _kind in ("grid", "devices", "workers"):
+    _import_command(_kind)
+
+
+async def _with_connection(database_url: str, fn: Callable[..., Any], *args: Any) -> Any:
+    from gridwarden.migrate import migrate as run_migrations
+
+    await run_migrations(database_url)
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await fn(conn, *args)
+    finally:
+        await conn.close()
+
+
+@main.group()
+def token() -> None:
+    """API tokens."""
+
+
+@token.command(name="create")
+@click.option("--role", type=click.Choice(["operator", "worker", "admin"]), required=True)
+@click.option("--worker", "worker_id", help="the worker's id (worker tokens only)")
+@click.option("--label", default="", help="a note on who holds it")
+@common_options
+def token_create(role: str, worker_id: str | None, label: str, **kwargs: Any) -> None:
+    """Print a new API token (shown once; only its hash is kept)."""
+    from gridwarden.auth import create_token
+
+    settings = _settings(kwargs)
+    with _services(settings) as (database_url, _):
+        try:
+            value = _run(_with_connection(database_url, create_token, role, worker_id, label))
+        except (ValueError, asyncpg.ForeignKeyViolationError) as exc:
+            click.echo(f"gridwarden: {exc}", err=True)
+            sys.exit(EXIT_FAILED)
+    click.echo(value)
+
+
+def _mount_sim() -> None:
+    from device_sim.cli import sim
+
+    main.add_command(sim)
+
+
+_mount_sim()

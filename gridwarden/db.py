@@ -1,0 +1,41 @@
+"""The one module that talks to the database driver: pool creation and the named
+queries in `sql/queries/*.sql`, loaded once and called by name."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from importlib import resources
+
+import asyncpg
+
+_NAME_LINE = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+
+
+@cache
+def queries() -> dict[str, str]:
+    """Every `-- name: x` block of every file in sql/queries, by name."""
+    found: dict[str, str] = {}
+    folder = resources.files("gridwarden") / "sql" / "queries"
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".sql"):
+            continue
+        text = entry.read_text("utf-8")
+        marks = list(_NAME_LINE.finditer(text))
+        for index, mark in enumerate(marks):
+            end = marks[index + 1].start() if index + 1 < len(marks) else len(text)
+            name = mark.group(1)
+            if name in found:
+                raise RuntimeError(f"query {name!r} defined twice ({entry.name})")
+            found[name] = text[mark.end() : end].strip().rstrip(";")
+    return found
+
+
+def query(name: str) -> str:
+    return queries()[name]
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+    assert pool is not None
+    return pool

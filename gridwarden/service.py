@@ -1,0 +1,125 @@
+"""`gridwarden up`: migrate, then run ingest and the HTTP API under one supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from contextlib import closing, nullcontext
+
+import asyncpg
+import uvicorn
+from fastapi import FastAPI
+
+from gridwarden.config import Settings
+from gridwarden.db import create_pool
+from gridwarden.migrate import migrate
+from gridwarden.mqtt_url import parse_mqtt_url
+from gridwarden.supervisor import Supervisor, TaskFn
+from gridwarden.web import AppState, create_app
+
+log = logging.getLogger(__name__)
+
+HTTP_DRAIN_S = 5.0
+READINESS_TIMEOUT_S = 2.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the supervisor owns SIGTERM."""
+
+    def capture_signals(self):  # type: ignore[no-untyped-def]
+        return nullcontext()
+
+
+def bind_http(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def http_task(app: FastAPI, sock: socket.socket) -> TaskFn:
+    async def serve(stop: asyncio.Event) -> None:
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        server = _Server(config)
+        serving = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
+        stopping = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        stopping.cancel()
+        async with asyncio.timeout(HTTP_DRAIN_S + 5):
+            await serving
+        if serving in done and not stop.is_set():
+            raise RuntimeError("HTTP server stopped by itself")
+
+    return serve
+
+
+def database_check(pool: asyncpg.Pool) -> Callable[[], Awaitable[str | None]]:
+    async def check() -> str | None:
+        try:
+            async with asyncio.timeout(READINESS_TIMEOUT_S):
+                await pool.fetchval("SELECT 1")
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            return f"database unreachable: {exc!r}"
+        return None
+
+    return check
+
+
+def broker_check(is_connected: Callable[[], bool]) -> Callable[[], Awaitable[str | None]]:
+    async def check() -> str | None:
+        return None if is_connected() else "not connected to the MQTT broker"
+
+    return check
+
+
+async def run_service(
+    settings: Settings,
+    database_url: str,
+    mqtt_url: str,
+    *,
+    extra_tasks: dict[str, Callable[[asyncpg.Pool], TaskFn]] | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT (clean return) or a task failure (TaskDied)."""
+    from ingest.api import router as ingest_router
+    from ingest.consumer import IngestService
+
+    parse_mqtt_url(mqtt_url)
+    applied = await migrate(database_url)
+    if applied:
+        log.info("migrations applied: %s", ", ".join(applied))
+    sock = bind_http(settings.http_host, settings.http_port)
+    with closing(sock):
+        pool = await create_pool(database_url)
+        try:
+            ingest = IngestService(settings, pool, mqtt_url)
+            state = AppState(
+                pool,
+                readiness={
+                    "database": database_check(pool),
+                    "broker": broker_check(ingest.source.is_connected),
+                },
+            )
+            app = create_app(state, routers=[ingest_router])
+            supervisor = Supervisor()
+            supervisor.install_signal_handlers()
+            supervisor.add("ingest", ingest.run)
+            supervisor.add("ingest-maintenance", ingest.maintain)
+            supervisor.add("http", http_task(app, sock))
+            for name, make in (extra_tasks or {}).items():
+                supervisor.add(name, make(pool))
+            host, port = sock.getsockname()[:2]
+            if on_ready is not None:
+                on_ready(f"http://{host}:{port}")
+            await supervisor.run()
+        finally:
+            await pool.close()

@@ -1,0 +1,40 @@
+-- name: claim_sequences
+-- Claim (device_id, seq) pairs; returns the ones that are new, or whose previous
+-- sighting is older than the dedup window (counters wrap). Duplicates return nothing.
+INSERT INTO telemetry_dedup AS d (device_id, seq, received_at)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[])
+ON CONFLICT (device_id, seq) DO UPDATE SET received_at = EXCLUDED.received_at
+    WHERE d.received_at < EXCLUDED.received_at - make_interval(secs => $4::float8)
+RETURNING device_id, seq;
+
+-- name: flush_last_seen
+INSERT INTO device_last_seen AS s (device_id, last_seen, last_seq, status, status_at)
+SELECT l.device_id, l.last_seen, l.last_seq, l.status, l.status_at
+FROM unnest($1::text[], $2::timestamptz[], $3::bigint[], $4::text[], $5::timestamptz[])
+     AS l (device_id, last_seen, last_seq, status, status_at)
+JOIN devices d ON d.id = l.device_id
+ON CONFLICT (device_id) DO UPDATE SET
+    last_seen = GREATEST(s.last_seen, EXCLUDED.last_seen),
+    last_seq = CASE WHEN EXCLUDED.last_seen >= s.last_seen THEN COALESCE(EXCLUDED.last_seq, s.last_seq)
+                    ELSE s.last_seq END,
+    status = CASE WHEN EXCLUDED.status_at IS NOT NULL
+                   AND (s.status_at IS NULL OR EXCLUDED.status_at >= s.status_at)
+                  THEN EXCLUDED.status ELSE s.status END,
+    status_at = GREATEST(s.status_at, EXCLUDED.status_at);
+
+-- name: prune_dedup
+DELETE FROM telemetry_dedup WHERE received_at < now() - make_interval(secs => $1::float8);
+
+-- name: devices_changed_since
+-- The minute of overlap catches rows of an import transaction that started before
+-- the previous refresh but committed after it.
+SELECT id, kind, cell_id, height_cm, interval_s, updated_at
+FROM devices WHERE updated_at > $1::timestamptz - INTERVAL '1 minute' ORDER BY updated_at;
+
+-- name: list_dead_letters
+SELECT id, received_at, topic, device_id, reason, detail, payload
+FROM dead_letters
+WHERE ($1::text IS NULL OR reason = $1) AND ($2::text IS NULL OR device_id = $2)
+  AND ($3::bigint IS NULL OR id < $3)
+ORDER BY id DESC
+LIMIT $4;

@@ -1,0 +1,1 @@
+"""Ingest: MQTT consumer, payload models, codecs, batched storage, dead letters."""

@@ -1,0 +1,253 @@
+"""The ingest loop: take a batch from the broker, decode, commit, then acknowledge.
+
+Failure handling:
+- the database is unreachable: the batch is kept and retried with backoff; nothing
+  is acknowledged, so the broker holds the rest (bounded by Receive Maximum);
+- the database refuses the batch's data (a constraint or encoding error that
+  validation did not foresee): the batch is retried one message at a time and the
+  culprit goes to dead letters with the database's reason, so one poison message
+  never blocks the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TypeVar
+
+import asyncpg
+
+from gridwarden.config import Settings
+from gridwarden.db import query
+from ingest import metrics
+from ingest.decode import DeadLetter, Decoded, Decoder, RawMessage, Reading, credential_key
+from ingest.directory import DeviceDirectory
+from ingest.mqtt_source import MqttSource
+from ingest.topics import subscriptions
+from ingest.writer import WriteResult, write_batch
+
+log = logging.getLogger(__name__)
+
+RETRY_MIN_S = 0.2
+RETRY_MAX_S = 5.0
+DEDUP_PRUNE_INTERVAL_S = 600.0
+# What a Receive Maximum of a few batches buys: the next batch is already waiting
+# while one commits, and memory stays bounded when the database stalls.
+RECEIVE_MAXIMUM_BATCHES = 4
+
+T = TypeVar("T")
+AfterCommit = Callable[[list[Reading]], Awaitable[None]]
+
+
+@dataclass
+class LastSeen:
+    last_seen: datetime
+    last_seq: int | None = None
+    status: str | None = None
+    status_at: datetime | None = None
+
+
+class IngestService:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        mqtt_url: str,
+        *,
+        after_commit: AfterCommit | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.directory = DeviceDirectory()
+        self.decoder = Decoder(
+            prefix=settings.topic_prefix,
+            max_payload_bytes=settings.max_payload_bytes,
+            credential_key=credential_key(settings.credential_hash_key),
+            lookup_device=self.directory.lookup,
+        )
+        self.source = MqttSource(
+            mqtt_url,
+            client_id=settings.mqtt_client_id,
+            topics=subscriptions(settings.topic_prefix),
+            receive_maximum=settings.batch_max_messages * RECEIVE_MAXIMUM_BATCHES,
+        )
+        self.after_commit = after_commit
+        self._last_seen: dict[str, LastSeen] = {}
+        self.committed_batches = 0
+
+    # -- tasks ---------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set, then finish what was handed over and return."""
+        await self.directory.refresh(self.pool)
+        self.source.start()
+        try:
+            while not stop.is_set():
+                take = asyncio.ensure_future(
+                    self.source.take(
+                        self.settings.batch_max_messages, self.settings.batch_max_delay_ms / 1000
+                    )
+                )
+                stopping = asyncio.ensure_future(stop.wait())
+                done, _ = await asyncio.wait({take, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if take not in done:
+                    take.cancel()
+                    stopping.cancel()
+                    break
+                stopping.cancel()
+                await self.process(take.result())
+            await self._drain()
+        finally:
+            self.source.stop()
+            await self.flush_last_seen()
+
+    async def _drain(self) -> None:
+        while self.source.depth():
+            await self.process(await self.source.take(self.settings.batch_max_messages, 0))
+
+    async def maintain(self, stop: asyncio.Event) -> None:
+        """Periodic work off the hot path: last-seen flush, registry refresh, dedup pruning."""
+        last_prune = time.monotonic()
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(self.settings.last_seen_flush_s):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+            try:
+                await self.flush_last_seen()
+                await self.directory.refresh(self.pool)
+                if time.monotonic() - last_prune > DEDUP_PRUNE_INTERVAL_S:
+                    await self.pool.execute(
+                        query("prune_dedup"), float(self.settings.dedup_window_s)
+                    )
+                    last_prune = time.monotonic()
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("ingest maintenance failed, will retry: %s", exc)
+
+    # -- one batch -------------------------------------------------------------------
+    async def process(self, batch: list[RawMessage]) -> None:
+        if not batch:
+            return
+        metrics.RECEIVED.inc(len(batch))
+        metrics.QUEUE_DEPTH.set(self.source.depth())
+        decoded = self.decode(batch)
+        if self.directory.unknown_seen and self.directory.refresh_due():
+            # A device imported moments ago: look again before dead-lettering it.
+            await self._with_retry(self.directory.refresh)
+            decoded = self.decode(batch)
+        result = await self._commit(decoded)
+        self.source.ack(batch)
+        self.committed_batches += 1
+        self._record(result, decoded)
+        if self.after_commit is not None and result.stored:
+            await self.after_commit(result.stored)
+
+    def decode(self, batch: list[RawMessage]) -> Decoded:
+        decoded = Decoded()
+        for message in batch:
+            self.decoder.decode(message, decoded)
+        return decoded
+
+    async def _commit(self, decoded: Decoded) -> WriteResult:
+        started = time.perf_counter()
+        try:
+            result = await self._write(decoded)
+        except _DataRefused:
+            result = await self._commit_one_by_one(decoded)
+        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+        metrics.BATCH_SIZE.observe(len(decoded.readings) + len(decoded.dead_letters))
+        return result
+
+    async def _commit_one_by_one(self, decoded: Decoded) -> WriteResult:
+        stored: list[Reading] = []
+        telemetry = events = dead = duplicates = 0
+        singles = [Decoded(readings=[r]) for r in decoded.readings]
+        singles += [Decoded(dead_letters=[d]) for d in decoded.dead_letters]
+        for single in singles:
+            try:
+                part = await self._write(single)
+            except _DataRefused as refused:
+                reading = single.readings[0]
+                letter = DeadLetter(
+                    topic=f"{self.settings.topic_prefix}/dev/{reading.device_id}/{reading.channel}",
+                    device_id=reading.device_id,
+                    reason="storage_rejected",
+                    detail=str(refused),
+                    payload=repr(reading).encode(),
+                    received_at=reading.received_at,
+                )
+                decoded.dead_letters.append(letter)
+                part = await self._write(Decoded(dead_letters=[letter]))
+            stored += part.stored
+            telemetry += part.telemetry_rows
+            events += part.event_rows
+            dead += part.dead_letter_rows
+            duplicates += part.duplicates
+        return WriteResult(stored, telemetry, events, dead, duplicates)
+
+    async def _write(self, decoded: Decoded) -> WriteResult:
+        async def work(conn: asyncpg.Connection) -> WriteResult:
+            return await write_batch(conn, decoded, self.settings.dedup_window_s)
+
+        return await self._with_retry(work)
+
+    async def _with_retry(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    return await work(conn)
+            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+                raise _DataRefused(str(exc)) from exc
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                metrics.DB_ERRORS.inc()
+                log.warning("database unavailable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    def _record(self, result: WriteResult, decoded: Decoded) -> None:
+        metrics.STORED.labels("telemetry").inc(result.telemetry_rows)
+        metrics.STORED.labels("device_events").inc(result.event_rows)
+        metrics.DUPLICATES.inc(result.duplicates)
+        for letter in decoded.dead_letters:
+            metrics.DEAD_LETTERS.labels(letter.reason).inc()
+        for reading in decoded.readings:
+            seen = self._last_seen.get(reading.device_id)
+            if seen is None:
+                self._last_seen[reading.device_id] = LastSeen(reading.received_at, reading.seq)
+            elif reading.received_at >= seen.last_seen:
+                seen.last_seen = reading.received_at
+                seen.last_seq = reading.seq if reading.seq is not None else seen.last_seq
+        for status in decoded.statuses:
+            seen = self._last_seen.setdefault(status.device_id, LastSeen(status.received_at))
+            seen.last_seen = max(seen.last_seen, status.received_at)
+            seen.status, seen.status_at = status.status, status.received_at
+        metrics.STORED.labels("device_status").inc(len(decoded.statuses))
+
+    async def flush_last_seen(self) -> None:
+        if not self._last_seen:
+            return
+        pending, self._last_seen = self._last_seen, {}
+        ids = list(pending)
+        try:
+            await self.pool.execute(
+                query("flush_last_seen"),
+                ids,
+                [pending[i].last_seen for i in ids],
+                [pending[i].last_seq for i in ids],
+                [pending[i].status for i in ids],
+                [pending[i].status_at for i in ids],
+            )
+        except BaseException:
+            # Keep what we had for the next flush (newer entries win).
+            for device_id, seen in pending.items():
+                self._last_seen.setdefault(device_id, seen)
+            raise
+
+
+class _DataRefused(Exception):
+    """The database rejected the data itself (not a connection problem)."""

@@ -1,0 +1,273 @@
+"""One raw MQTT message → stored readings or dead letters. Pure: no I/O.
+
+Every way a message can be bad maps to one stable dead-letter reason code, so
+operators can count and filter them (`GET /api/dead-letters?reason=`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from ingest.codecs import CODECS, CodecError
+from ingest.models import EVENT_MODELS, TELEMETRY_MODELS
+from ingest.topics import ParsedTopic, TopicError, parse_topic
+
+EARLIEST_VALID_TS = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_FUTURE_SKEW = timedelta(days=1)
+EPOCH_MS_THRESHOLD = 1e11  # numbers above this are milliseconds (1e11 s is the year 5138)
+_COMMON_KEYS = frozenset({"ts", "seq", "device_id"})
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    id: str
+    kind: str
+    cell_id: str | None = None
+    height_cm: float | None = None
+    interval_s: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    topic: str
+    payload: bytes
+    received_at: datetime
+    mid: int = 0
+    qos: int = 0
+    generation: int = 0  # the MQTT connection it came on; acks go only to that one
+
+
+@dataclass(slots=True)
+class Reading:
+    """A validated reading (`channel="telemetry"`) or event (`channel="event"`)."""
+
+    channel: str
+    device_id: str
+    time: datetime
+    received_at: datetime
+    seq: int | None
+    values: dict[str, Any]
+    extra: dict[str, Any] | None = None
+    event: str | None = None
+    credential_hash: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    device_id: str
+    status: str
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    topic: str
+    device_id: str | None
+    reason: str
+    detail: str
+    payload: bytes
+    received_at: datetime
+
+
+@dataclass(slots=True)
+class Decoded:
+    readings: list[Reading] = field(default_factory=list)
+    statuses: list[StatusChange] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
+class BadInput(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_ts(value: str | float | None, received_at: datetime) -> datetime:
+    if value is None:
+        return received_at
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise BadInput("bad_timestamp", f"ts {value!r} is not RFC 3339") from None
+        if parsed.tzinfo is None:
+            raise BadInput("bad_timestamp", f"ts {value!r} has no UTC offset")
+    else:
+        seconds = value / 1000 if value > EPOCH_MS_THRESHOLD else value
+        try:
+            parsed = datetime.fromtimestamp(seconds, UTC)
+        except (OverflowError, OSError, ValueError):
+            raise BadInput("bad_timestamp", f"ts {value!r} is out of range") from None
+    if parsed < EARLIEST_VALID_TS or parsed > received_at + MAX_FUTURE_SKEW:
+        raise BadInput("bad_timestamp", f"ts {value!r} is before 2000 or more than a day ahead")
+    return parsed.astimezone(UTC)
+
+
+def _validation_reason(exc: ValidationError) -> tuple[str, str]:
+    errors = exc.errors(include_url=False, include_input=False)
+    first = errors[0]["type"]
+    if first == "missing":
+        reason = "missing_field"
+    elif first == "literal_error":
+        reason = "unknown_event"
+    elif first in {"greater_than_equal", "less_than_equal", "greater_than", "less_than",
+                   "string_too_long", "finite_number"}:  # fmt: skip
+        reason = "out_of_range"
+    else:
+        reason = "wrong_type"
+    detail = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in errors[:5]
+    )
+    return reason, detail
+
+
+class Decoder:
+    """Turns raw messages into readings; holds only configuration, no state."""
+
+    def __init__(
+        self,
+        *,
+        prefix: str,
+        max_payload_bytes: int,
+        credential_key: bytes,
+        lookup_device: Callable[[str], DeviceInfo | None],
+    ) -> None:
+        self.prefix = prefix
+        self.max_payload_bytes = max_payload_bytes
+        self.credential_key = credential_key
+        self.lookup_device = lookup_device
+
+    def decode(self, message: RawMessage, into: Decoded) -> None:
+        device_id: str | None = None
+        try:
+            topic = parse_topic(message.topic, self.prefix)
+            device_id = topic.device_id
+            self._decode(topic, message, into)
+        except (BadInput, TopicError) as exc:
+            detail = exc.detail if isinstance(exc, BadInput) else str(exc)
+            into.dead_letters.append(
+                DeadLetter(message.topic, device_id, exc.reason, detail, message.payload,
+                           message.received_at)
+            )  # fmt: skip
+
+    def _decode(self, topic: ParsedTopic, message: RawMessage, into: Decoded) -> None:
+        payload = message.payload
+        if len(payload) > self.max_payload_bytes:
+            raise BadInput(
+                "oversized", f"{len(payload)} bytes, the limit is {self.max_payload_bytes}"
+            )
+        device = self.lookup_device(topic.device_id)
+        if device is None:
+            raise BadInput("unknown_device", f"device {topic.device_id!r} is not registered")
+        if topic.channel == "status":
+            into.statuses.append(self._status(topic.device_id, payload, message.received_at))
+            return
+        if b"\\u0000" in payload:
+            # PostgreSQL text and jsonb cannot hold NUL; refuse it here, with a reason.
+            raise BadInput("wrong_type", "strings must not contain NUL (\\u0000)")
+        document = _load_json(payload)
+        if topic.channel == "codec":
+            codec = CODECS.get(topic.codec or "")
+            if codec is None:
+                raise BadInput("unknown_codec", f"no codec named {topic.codec!r}")
+            try:
+                decoded = codec(document, device)
+            except CodecError as exc:
+                raise BadInput("codec_error", f"{topic.codec}: {exc}") from None
+            for channel, native in decoded:
+                self._native(channel, native, device, message, into, index=None)
+            return
+        if topic.channel == "telemetry" and isinstance(document, list):
+            if not document:
+                raise BadInput("not_object", "empty array")
+            for index, element in enumerate(document):
+                try:
+                    self._native("telemetry", element, device, message, into, index=index)
+                except BadInput as exc:
+                    into.dead_letters.append(DeadLetter(
+                        message.topic, device.id, exc.reason,
+                        f"element {index} of {len(document)}: {exc.detail}",
+                        orjson.dumps(element), message.received_at,
+                    ))  # fmt: skip
+            return
+        self._native(topic.channel, document, device, message, into, index=None)
+
+    def _native(
+        self,
+        channel: str,
+        document: Any,
+        device: DeviceInfo,
+        message: RawMessage,
+        into: Decoded,
+        index: int | None,
+    ) -> None:
+        if not isinstance(document, dict):
+            raise BadInput("not_object", f"expected a JSON object, got {type(document).__name__}")
+        models = TELEMETRY_MODELS if channel == "telemetry" else EVENT_MODELS
+        try:
+            model = models[device.kind].model_validate(document)
+        except ValidationError as exc:
+            raise BadInput(*_validation_reason(exc)) from None
+        if model.device_id is not None and model.device_id != device.id:
+            raise BadInput(
+                "device_mismatch",
+                f"payload names device {model.device_id!r} but was published for {device.id!r}",
+            )
+        values = model.model_dump(exclude_none=True, exclude=set(_COMMON_KEYS), exclude_unset=True)
+        extra = dict(model.model_extra) if model.model_extra else None
+        if extra:
+            for key in extra:
+                values.pop(key, None)
+        reading = Reading(
+            channel=channel,
+            device_id=device.id,
+            time=parse_ts(model.ts, message.received_at),
+            received_at=message.received_at,
+            seq=model.seq,
+            values=values,
+            extra=extra,
+        )
+        if channel == "event":
+            reading.event = values.pop("event")
+            credential = values.pop("credential", None)
+            if credential is not None:
+                reading.credential_hash = self.hash_credential(credential)
+        into.readings.append(reading)
+
+    def hash_credential(self, credential: str) -> str:
+        """Card numbers are never stored in clear: a keyed hash still lets us match them."""
+        return hmac.new(self.credential_key, credential.encode(), hashlib.sha256).hexdigest()
+
+    @staticmethod
+    def _status(device_id: str, payload: bytes, received_at: datetime) -> StatusChange:
+        text = payload.strip().strip(b'"').decode("ascii", errors="replace").lower()
+        if text not in ("online", "offline"):
+            raise BadInput("bad_status", f"status must be 'online' or 'offline', got {text[:40]!r}")
+        return StatusChange(device_id, text, received_at)
+
+
+def _load_json(payload: bytes) -> Any:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError as utf8_error:
+            raise BadInput("not_utf8", f"payload is not UTF-8: {utf8_error}") from None
+        raise BadInput("not_json", f"payload is not JSON: {exc}") from None
+
+
+def credential_key(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+DeviceLookup = Mapping[str, DeviceInfo]

@@ -1,0 +1,53 @@
+"""In-memory view of the device registry for the hot path.
+
+Loaded at start, then refreshed incrementally (`updated_at`) every few seconds and,
+rate-limited, when an unknown device shows up, so a freshly imported device is
+accepted without a restart and a flood of unknown ids costs at most one query per
+`refresh_min_interval_s`.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+import asyncpg
+
+from gridwarden.db import query
+from ingest.decode import DeviceInfo
+
+REFRESH_MIN_INTERVAL_S = 2.0
+
+
+class DeviceDirectory:
+    def __init__(self, refresh_min_interval_s: float = REFRESH_MIN_INTERVAL_S) -> None:
+        self.devices: dict[str, DeviceInfo] = {}
+        self._watermark: datetime | None = None
+        self._last_refresh = 0.0
+        self._refresh_min_interval_s = refresh_min_interval_s
+        self.unknown_seen = False
+
+    def lookup(self, device_id: str) -> DeviceInfo | None:
+        device = self.devices.get(device_id)
+        if device is None:
+            self.unknown_seen = True
+        return device
+
+    def refresh_due(self) -> bool:
+        return time.monotonic() - self._last_refresh >= self._refresh_min_interval_s
+
+    async def refresh(self, conn: asyncpg.Connection | asyncpg.Pool) -> int:
+        since = self._watermark or datetime.fromtimestamp(0).astimezone()
+        rows = await conn.fetch(query("devices_changed_since"), since)
+        for row in rows:
+            self.devices[row["id"]] = DeviceInfo(
+                id=row["id"],
+                kind=row["kind"],
+                cell_id=row["cell_id"],
+                height_cm=row["height_cm"],
+                interval_s=row["interval_s"],
+            )
+            self._watermark = row["updated_at"]
+        self._last_refresh = time.monotonic()
+        self.unknown_seen = False
+        return len(rows)

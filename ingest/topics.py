@@ -1,0 +1,52 @@
+"""Topic grammar of CONTRACT §2: `{prefix}/dev/{device_id}/{channel}` and
+`{prefix}/codec/{codec}/{device_id}`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+Channel = Literal["telemetry", "event", "status", "codec"]
+DEVICE_CHANNELS: frozenset[str] = frozenset({"telemetry", "event", "status"})
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    channel: Channel
+    device_id: str
+    codec: str | None = None
+
+
+class TopicError(ValueError):
+    """The topic does not follow the contract; `reason` is the dead-letter reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def subscriptions(prefix: str) -> list[str]:
+    return [f"{prefix}/dev/+/+", f"{prefix}/codec/+/+"]
+
+
+def parse_topic(topic: str, prefix: str) -> ParsedTopic:
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != prefix:
+        raise TopicError("bad_topic", f"topic {topic!r} does not match {prefix}/dev/+/+")
+    _, family, second, third = parts
+    if family == "dev":
+        device_id, channel = second, third
+        if channel not in DEVICE_CHANNELS:
+            raise TopicError("bad_topic", f"unknown channel {channel!r}")
+        codec = None
+    elif family == "codec":
+        codec, device_id, channel = second, third, "codec"
+    else:
+        raise TopicError("bad_topic", f"unknown topic family {family!r}")
+    if not DEVICE_ID_PATTERN.match(device_id):
+        raise TopicError(
+            "bad_device_id", f"device id {device_id!r} does not match [A-Za-z0-9_.:-]{{1,64}}"
+        )
+    return ParsedTopic(channel, device_id, codec)  # type: ignore[arg-type]

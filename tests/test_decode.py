@@ -1,0 +1,188 @@
+"""Decoding, one line per case: what a device sends → what is stored or why not."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ingest.decode import Decoded, Decoder, DeviceInfo, RawMessage, parse_ts
+
+NOW = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
+DEVICES = {
+    "smoke-1": DeviceInfo("smoke-1", "smoke_detector", "g1"),
+    "cover-1": DeviceInfo("cover-1", "manhole_cover", "g1", height_cm=200),
+    "door-1": DeviceInfo("door-1", "door_access", "g1"),
+    "bin-1": DeviceInfo("bin-1", "smart_bin", "g1", height_cm=120),
+}
+
+
+def decoder(max_payload_bytes: int = 16 * 1024) -> Decoder:
+    return Decoder(
+        prefix="gw",
+        max_payload_bytes=max_payload_bytes,
+        credential_key=b"test-key",
+        lookup_device=DEVICES.get,
+    )
+
+
+def decode(topic: str, payload: bytes | str | object) -> Decoded:
+    if isinstance(payload, str):
+        payload = payload.encode()
+    elif not isinstance(payload, bytes):
+        payload = orjson.dumps(payload)
+    out = Decoded()
+    decoder().decode(RawMessage(topic, payload, NOW), out)
+    return out
+
+
+BAD_INPUT = [
+    # (topic, payload, reason) — why it is refused
+    ("gw/dev/smoke-1/telemetry", b"{not json", "not_json"),  # broken JSON
+    ("gw/dev/smoke-1/telemetry", b"\xff\xfe{}", "not_utf8"),  # not UTF-8 at all
+    ("gw/dev/smoke-1/telemetry", "42", "not_object"),  # a bare number is not a reading
+    ("gw/dev/smoke-1/telemetry", "[]", "not_object"),  # an empty buffer flush
+    ("gw/dev/smoke-1/telemetry", {"smoke": "12"}, "wrong_type"),  # number sent as string
+    ("gw/dev/smoke-1/telemetry", {"alarm": 1}, "wrong_type"),  # 1 is not a boolean
+    ("gw/dev/smoke-1/telemetry", {"smoke": 150}, "out_of_range"),  # obscuration above 100 %
+    ("gw/dev/smoke-1/telemetry", {"battery": -1}, "out_of_range"),  # battery below 0 %
+    ("gw/dev/cover-1/telemetry", {"tilt": 181}, "out_of_range"),  # tilt beyond 180°
+    ("gw/dev/bin-1/telemetry", {"fill": 100.5}, "out_of_range"),  # fuller than full
+    ("gw/dev/smoke-1/telemetry", {"temperature": -80}, "out_of_range"),  # colder than any site
+    ("gw/dev/smoke-1/telemetry", {"seq": -1}, "out_of_range"),  # counters are not negative
+    ("gw/dev/smoke-1/telemetry", {"ts": "yesterday"}, "bad_timestamp"),  # not RFC 3339
+    ("gw/dev/smoke-1/telemetry", {"ts": "2026-11-22T08:00:00"}, "bad_timestamp"),  # no offset
+    ("gw/dev/smoke-1/telemetry", {"ts": 1e20}, "bad_timestamp"),  # far future
+    ("gw/dev/smoke-1/telemetry", {"ts": 5}, "bad_timestamp"),  # 1970
+    ("gw/dev/ghost-9/telemetry", {"smoke": 1}, "unknown_device"),  # not in the registry
+    ("gw/dev/smoke-1/telemetry", {"device_id": "door-1"}, "device_mismatch"),  # names another
+    ("gw/dev/smoke-1/event", {"event": "opened"}, "unknown_event"),  # a manhole's event
+    ("gw/dev/smoke-1/event", {"smoke": 1}, "missing_field"),  # an event needs `event`
+    ("gw/dev/smoke-1/status", b"sleeping", "bad_status"),  # only online/offline
+    ("gw/dev/bad$id/telemetry", {"smoke": 1}, "bad_device_id"),  # id outside the alphabet
+    ("gw/dev/smoke-1/config", {"smoke": 1}, "bad_topic"),  # unknown channel
+    ("gw/other/smoke-1/telemetry", {"smoke": 1}, "bad_topic"),  # unknown family
+    ("gw/codec/nosuch/smoke-1", {"smoke": 1}, "unknown_codec"),  # no such vendor codec
+    ("gw/dev/smoke-1/telemetry", '{"x": "a\\u0000b"}', "wrong_type"),  # NUL cannot be stored
+    ("gw/dev/door-1/event", {"event": "access_denied", "credential": "x" * 300}, "out_of_range"),
+    (
+        "gw/dev/smoke-1/telemetry",
+        '{"seq": 1' + "0" * 40 + "}",
+        "wrong_type",
+    ),  # beyond 64 bits: a float
+]
+
+
+@pytest.mark.parametrize(("topic", "payload", "reason"), BAD_INPUT)
+def test_bad_input_is_dead_lettered_with_its_reason(topic: str, payload: object, reason: str):
+    out = decode(topic, payload)
+    assert out.readings == []
+    assert [d.reason for d in out.dead_letters] == [reason]
+    letter = out.dead_letters[0]
+    assert letter.detail
+    assert letter.topic == topic
+    assert letter.payload  # the raw bytes are kept
+
+
+def test_oversized_payload_is_refused_before_parsing():
+    out = Decoded()
+    big = orjson.dumps({"pad": "x" * 20_000})
+    decoder().decode(RawMessage("gw/dev/smoke-1/telemetry", big, NOW), out)
+    assert [d.reason for d in out.dead_letters] == ["oversized"]
+    assert out.dead_letters[0].payload == big
+
+
+GOOD_INPUT = [
+    # (topic, payload, expected values) — accepted and what is kept
+    ("gw/dev/smoke-1/telemetry", {"smoke": 0.4, "temperature": 21.5, "alarm": False},
+     {"smoke": 0.4, "temperature": 21.5, "alarm": False}),  # a normal reading
+    ("gw/dev/cover-1/telemetry", {"tilt": 3, "open": False, "water_level": 40},
+     {"tilt": 3, "open": False, "water_level": 40}),  # ints are fine for numbers
+    ("gw/dev/bin-1/telemetry", {"fill": 100, "weight": 0}, {"fill": 100, "weight": 0}),  # edges
+    ("gw/dev/door-1/telemetry", {"door_open": True, "locked": False},
+     {"door_open": True, "locked": False}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("topic", "payload", "values"), GOOD_INPUT)
+def test_valid_readings_keep_their_values(topic: str, payload: object, values: dict):
+    out = decode(topic, payload)
+    assert out.dead_letters == []
+    (reading,) = out.readings
+    assert reading.values == values
+    assert reading.time == NOW  # no ts: the receive time
+
+
+def test_unknown_extra_fields_are_kept_not_dropped():
+    out = decode("gw/dev/smoke-1/telemetry", {"smoke": 1, "firmware": "1.2", "fill": 3})
+    (reading,) = out.readings
+    assert reading.values == {"smoke": 1}
+    assert reading.extra == {"firmware": "1.2", "fill": 3}
+
+
+def test_buffer_flush_keeps_good_elements_and_dead_letters_bad_ones():
+    payload = [{"seq": 1, "smoke": 1}, {"seq": 2, "smoke": 500}, {"seq": 3, "smoke": 2}]
+    out = decode("gw/dev/smoke-1/telemetry", payload)
+    assert [r.seq for r in out.readings] == [1, 3]
+    (letter,) = out.dead_letters
+    assert letter.reason == "out_of_range"
+    assert letter.detail.startswith("element 1 of 3")
+    assert orjson.loads(letter.payload) == {"seq": 2, "smoke": 500}
+
+
+def test_credential_is_stored_only_as_a_keyed_hash():
+    out = decode("gw/dev/door-1/event", {"event": "access_denied", "credential": "CARD-1234"})
+    (reading,) = out.readings
+    assert reading.event == "access_denied"
+    assert reading.credential_hash is not None
+    assert "CARD-1234" not in repr(reading)
+    assert reading.credential_hash == decoder().hash_credential("CARD-1234")
+
+
+@pytest.mark.parametrize(
+    ("ts", "expected"),
+    [
+        ("2026-11-22T07:59:00Z", datetime(2026, 11, 22, 7, 59, tzinfo=UTC)),  # RFC 3339 Z
+        ("2026-11-22T15:59:00+08:00", datetime(2026, 11, 22, 7, 59, tzinfo=UTC)),  # Beijing time
+        (1795334340, datetime(2026, 11, 22, 7, 59, tzinfo=UTC)),  # epoch seconds
+        (1795334340000, datetime(2026, 11, 22, 7, 59, tzinfo=UTC)),  # epoch milliseconds
+        (None, NOW),  # absent: the receive time
+    ],
+)
+def test_timestamps(ts: object, expected: datetime):
+    assert parse_ts(ts, NOW) == expected  # type: ignore[arg-type]
+
+
+def test_status_messages():
+    out = decode("gw/dev/smoke-1/status", b"offline")
+    assert [(s.device_id, s.status) for s in out.statuses] == [("smoke-1", "offline")]
+
+
+@given(payload=st.binary(max_size=2048), channel=st.sampled_from(["telemetry", "event", "status"]))
+def test_arbitrary_bytes_never_raise(payload: bytes, channel: str):
+    out = Decoded()
+    decoder().decode(RawMessage(f"gw/dev/smoke-1/{channel}", payload, NOW), out)
+    assert len(out.readings) + len(out.statuses) + len(out.dead_letters) >= 1
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.floats(allow_nan=False)
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=8,
+)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])  # shared, noisy CI machines
+@given(document=st.dictionaries(
+    st.sampled_from(["smoke", "temperature", "alarm", "seq", "ts", "battery", "x"]), json_values
+))  # fmt: skip
+def test_arbitrary_json_objects_never_raise(document: dict):
+    out = decode("gw/dev/smoke-1/telemetry", document)
+    assert len(out.readings) + len(out.dead_letters) == 1
