@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -47,13 +48,29 @@ _ROWS: Final = 4
 _JITTER_DEG: Final = 0.0003  # interior points only; keeps every block convex
 _MARGIN_DEG: Final = 0.0001  # ≈ 10 m: devices stay clear of cell boundaries
 
-DEVICE_COUNTS: Final = {"smoke_detector": 150, "door_access": 60, "manhole_cover": 45,
-                        "smart_bin": 45}  # fmt: skip
-INTERVAL_S: Final = {"smoke_detector": 300, "door_access": 300, "manhole_cover": 600,
-                     "smart_bin": 900}  # fmt: skip
+DEVICE_COUNTS: Final = {
+    "smoke_detector": 150,
+    "door_access": 60,
+    "manhole_cover": 45,
+    "smart_bin": 45,
+}
+INTERVAL_S: Final = {
+    "smoke_detector": 300,
+    "door_access": 300,
+    "manhole_cover": 600,
+    "smart_bin": 900,
+}
 DEVICE_COLUMNS: Final = (
-    "id", "kind", "lat", "lon", "name", "building", "floor", "interval_s", "height_cm",
-)  # fmt: skip
+    "id",
+    "kind",
+    "lat",
+    "lon",
+    "name",
+    "building",
+    "floor",
+    "interval_s",
+    "height_cm",
+)
 
 _SURNAMES: Final = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何林高罗郑梁谢宋唐许邓冯韩曹曾彭"
 _GIVEN: Final = "伟芳娜敏静丽强磊军洋勇艳杰涛明超秀霞平刚桂英华建国红梅兰志文斌海燕"
@@ -76,6 +93,7 @@ class SampleCityFiles:
 @dataclass(frozen=True)
 class _Leaf:
     cell_id: str
+    level: str
     community: str
     geometry: dict[str, Any]
 
@@ -128,9 +146,10 @@ def _build_grid(rng: random.Random) -> tuple[dict[str, Any], list[_Leaf], dict[s
     for c, (community_id, community_name) in enumerate(COMMUNITIES):
         cid = f"{STREET_ID}-{community_id}"
         features.append(
-            _feature(cid, community_name, "community", STREET_ID,
-                     _block(points, 4 * c, 0, 4 * c + 4, 4))
-        )  # fmt: skip
+            _feature(
+                cid, community_name, "community", STREET_ID, _block(points, 4 * c, 0, 4 * c + 4, 4)
+            )
+        )
         grids_of[cid] = []
         for gy in range(2):
             for gx in range(2):
@@ -143,7 +162,7 @@ def _build_grid(rng: random.Random) -> tuple[dict[str, Any], list[_Leaf], dict[s
                 )
                 grids_of[cid].append(gid)
                 if number not in SPLIT_GRIDS:
-                    leaves.append(_Leaf(gid, community_id, geometry))
+                    leaves.append(_Leaf(gid, "grid", community_id, geometry))
                     continue
                 for sy in range(2):
                     for sx in range(2):
@@ -152,7 +171,7 @@ def _build_grid(rng: random.Random) -> tuple[dict[str, Any], list[_Leaf], dict[s
                         mgeom = _block(points, i0 + sx, j0 + sy, i0 + sx + 1, j0 + sy + 1)
                         name = f"{community_name}第{number}网格第{micro}微网格"
                         features.append(_feature(mid, name, "micro", gid, mgeom))
-                        leaves.append(_Leaf(mid, community_id, mgeom))
+                        leaves.append(_Leaf(mid, "micro", community_id, mgeom))
     return {"type": "FeatureCollection", "features": features}, leaves, grids_of
 
 
@@ -171,13 +190,22 @@ def _point_in(rng: random.Random, leaf: _Leaf) -> tuple[float, float]:
 def _device(
     kind: str, number: int, lon: float, lat: float, name: str, **extra: Any
 ) -> dict[str, Any]:
-    prefix = {"smoke_detector": "smoke", "door_access": "door", "manhole_cover": "manhole",
-              "smart_bin": "bin"}[kind]  # fmt: skip
+    prefix = {
+        "smoke_detector": "smoke",
+        "door_access": "door",
+        "manhole_cover": "manhole",
+        "smart_bin": "bin",
+    }[kind]
     device: dict[str, Any] = dict.fromkeys(DEVICE_COLUMNS)
     device.update(
-        id=f"{prefix}-{number:03d}", kind=kind, lat=lat, lon=lon, name=name,
-        interval_s=INTERVAL_S[kind], **extra,
-    )  # fmt: skip
+        id=f"{prefix}-{number:03d}",
+        kind=kind,
+        lat=lat,
+        lon=lon,
+        name=name,
+        interval_s=INTERVAL_S[kind],
+        **extra,
+    )
     return device
 
 
@@ -186,7 +214,7 @@ def _build_devices(rng: random.Random, leaves: list[_Leaf]) -> list[dict[str, An
     buildings: list[tuple[str, float, float, int]] = []  # name, lon, lat, floors
     numbering: dict[str, int] = {}
     for leaf in leaves:
-        for _ in range(2 if leaf.cell_id.count("-m") else 5):
+        for _ in range(2 if leaf.level == "micro" else 5):
             estate = rng.choice(ESTATES[leaf.community])
             numbering[estate] = numbering.get(estate, 0) + 1
             lon, lat = _point_in(rng, leaf)
@@ -207,9 +235,16 @@ def _build_devices(rng: random.Random, leaves: list[_Leaf]) -> list[dict[str, An
         used_floors.setdefault(home, set()).add(floor)
         dlon, dlat = near(lon, lat)
         devices.append(
-            _device("smoke_detector", number, dlon, dlat, f"{name}{floor}层烟感",
-                    building=name, floor=floor)
-        )  # fmt: skip
+            _device(
+                "smoke_detector",
+                number,
+                dlon,
+                dlat,
+                f"{name}{floor}层烟感",
+                building=name,
+                floor=floor,
+            )
+        )
 
     for number, home in enumerate(sorted(rng.sample(range(len(buildings)), 60)), start=1):
         name, lon, lat, _ = buildings[home]
@@ -217,9 +252,10 @@ def _build_devices(rng: random.Random, leaves: list[_Leaf]) -> list[dict[str, An
         dlon, dlat = near(lon, lat)
         label = f"{name}地下车库门禁" if garage else f"{name}单元门禁"
         devices.append(
-            _device("door_access", number, dlon, dlat, label, building=name,
-                    floor=-1 if garage else 1)
-        )  # fmt: skip
+            _device(
+                "door_access", number, dlon, dlat, label, building=name, floor=-1 if garage else 1
+            )
+        )
 
     road_numbers: dict[str, int] = {}
     for number in range(1, 46):
@@ -228,9 +264,15 @@ def _build_devices(rng: random.Random, leaves: list[_Leaf]) -> list[dict[str, An
         road_numbers[road] = road_numbers.get(road, 0) + 1
         lon, lat = _point_in(rng, leaf)
         devices.append(
-            _device("manhole_cover", number, lon, lat, f"{road}{road_numbers[road]}号井盖",
-                    height_cm=float(rng.randrange(150, 310, 10)))
-        )  # fmt: skip
+            _device(
+                "manhole_cover",
+                number,
+                lon,
+                lat,
+                f"{road}{road_numbers[road]}号井盖",
+                height_cm=float(rng.randrange(150, 310, 10)),
+            )
+        )
 
     point_numbers: dict[str, int] = {}
     for number in range(1, 46):
@@ -239,13 +281,19 @@ def _build_devices(rng: random.Random, leaves: list[_Leaf]) -> list[dict[str, An
         point_numbers[estate] = point_numbers.get(estate, 0) + 1
         lon, lat = _point_in(rng, leaf)
         devices.append(
-            _device("smart_bin", number, lon, lat, f"{estate}垃圾分类点{point_numbers[estate]}",
-                    height_cm=float(rng.randrange(100, 135, 5)))
-        )  # fmt: skip
+            _device(
+                "smart_bin",
+                number,
+                lon,
+                lat,
+                f"{estate}垃圾分类点{point_numbers[estate]}",
+                height_cm=float(rng.randrange(100, 135, 5)),
+            )
+        )
     return devices
 
 
-def _names(rng: random.Random) -> Any:
+def _names(rng: random.Random) -> Iterator[str]:
     seen: set[str] = set()
     while True:
         name = rng.choice(_SURNAMES) + "".join(rng.choice(_GIVEN) for _ in range(rng.randint(1, 2)))
@@ -254,8 +302,9 @@ def _names(rng: random.Random) -> Any:
             yield name
 
 
-def _build_workers(rng: random.Random, grids_of: dict[str, list[str]], micro_of: dict[str, list[str]]
-                   ) -> list[dict[str, Any]]:  # fmt: skip
+def _build_workers(
+    rng: random.Random, grids_of: dict[str, list[str]], micro_of: dict[str, list[str]]
+) -> list[dict[str, Any]]:
     names = _names(rng)
     phones: set[str] = set()
 
@@ -267,8 +316,14 @@ def _build_workers(rng: random.Random, grids_of: dict[str, list[str]], micro_of:
                 return number
 
     def worker(worker_id: str, role: str, cells: list[str], on_duty: bool = True) -> dict[str, Any]:
-        return {"id": worker_id, "name": next(names), "role": role, "cells": cells,
-                "phone": phone(), "on_duty": on_duty}  # fmt: skip
+        return {
+            "id": worker_id,
+            "name": next(names),
+            "role": role,
+            "cells": cells,
+            "phone": phone(),
+            "on_duty": on_duty,
+        }
 
     workers = []
     off_duty_given = False
