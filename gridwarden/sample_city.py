@@ -226,7 +226,10 @@ def _build_devices(rng: random.Random, leaves: list[_Leaf]) -> list[dict[str, An
 
     devices = []
     smoke_homes = list(range(len(buildings)))
-    smoke_homes += [rng.randrange(len(buildings)) for _ in range(150 - len(buildings))]
+    smoke_homes += [
+        rng.randrange(len(buildings))
+        for _ in range(DEVICE_COUNTS["smoke_detector"] - len(buildings))
+    ]
     used_floors: dict[int, set[int]] = {}
     for number, home in enumerate(sorted(smoke_homes), start=1):
         name, lon, lat, floors = buildings[home]
@@ -246,7 +249,9 @@ def _build_devices(rng: random.Random, leaves: list[_Leaf]) -> list[dict[str, An
             )
         )
 
-    for number, home in enumerate(sorted(rng.sample(range(len(buildings)), 60)), start=1):
+    for number, home in enumerate(
+        sorted(rng.sample(range(len(buildings)), DEVICE_COUNTS["door_access"])), start=1
+    ):
         name, lon, lat, _ = buildings[home]
         garage = rng.random() < 0.15
         dlon, dlat = near(lon, lat)
@@ -258,7 +263,7 @@ def _build_devices(rng: random.Random, leaves: list[_Leaf]) -> list[dict[str, An
         )
 
     road_numbers: dict[str, int] = {}
-    for number in range(1, 46):
+    for number in range(1, DEVICE_COUNTS["manhole_cover"] + 1):
         leaf = rng.choice(leaves)
         road = rng.choice(ROADS)
         road_numbers[road] = road_numbers.get(road, 0) + 1
@@ -275,7 +280,7 @@ def _build_devices(rng: random.Random, leaves: list[_Leaf]) -> list[dict[str, An
         )
 
     point_numbers: dict[str, int] = {}
-    for number in range(1, 46):
+    for number in range(1, DEVICE_COUNTS["smart_bin"] + 1):
         leaf = rng.choice(leaves)
         estate = rng.choice(ESTATES[leaf.community])
         point_numbers[estate] = point_numbers.get(estate, 0) + 1

@@ -1,0 +1,146 @@
+"""Ingest against a real PostgreSQL and a real Mosquitto, started by the suite."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from tests.ingest_helpers import (
+    TEST_DEVICES,
+    fetch,
+    fetchval,
+    publish,
+    publisher,
+    register_devices,
+    running_ingest,
+    settings_for,
+    wait_for,
+)
+
+
+async def test_a_reading_reaches_the_table(database_url, mqtt_url, topic_prefix):
+    await register_devices(database_url, TEST_DEVICES)
+    settings = settings_for(database_url, mqtt_url, topic_prefix)
+    async with running_ingest(settings), publisher(mqtt_url) as client:
+        await publish(client, f"{topic_prefix}/dev/smoke-1/telemetry",
+                      {"seq": 7, "smoke": 2.5, "temperature": 23.5, "alarm": False,
+                       "ts": "2026-11-22T08:00:00Z", "firmware": "v3"})  # fmt: skip
+        await publish(client, f"{topic_prefix}/dev/door-1/event",
+                      {"seq": 1, "event": "access_denied", "credential": "CARD-99"})  # fmt: skip
+        await publish(client, f"{topic_prefix}/dev/bin-1/telemetry",
+                      [{"seq": 1, "fill": 10}, {"seq": 2, "fill": 11}])  # fmt: skip
+        rows = await wait_for(
+            lambda: fetch(database_url, "SELECT * FROM telemetry ORDER BY device_id, seq"),
+            lambda rows: len(rows) == 3,
+        )
+        events = await wait_for(
+            lambda: fetch(database_url, "SELECT * FROM device_events"), lambda r: len(r) == 1
+        )
+    smoke = rows[2]
+    assert (smoke["device_id"], smoke["seq"], smoke["smoke"], smoke["temperature"]) == (
+        "smoke-1", 7, 2.5, 23.5)  # fmt: skip
+    assert smoke["alarm"] is False
+    assert smoke["time"].isoformat() == "2026-11-22T08:00:00+00:00"
+    assert smoke["extra"] == '{"firmware": "v3"}'
+    assert [(r["device_id"], r["fill"]) for r in rows[:2]] == [("bin-1", 10), ("bin-1", 11)]
+    assert events[0]["event"] == "access_denied"
+    assert events[0]["credential_hash"]
+    assert "CARD-99" not in str(dict(events[0]))
+
+
+async def test_every_kind_of_bad_input_is_dead_lettered_and_the_service_stays_up(
+    database_url, mqtt_url, topic_prefix
+):
+    await register_devices(database_url, TEST_DEVICES)
+    settings = settings_for(database_url, mqtt_url, topic_prefix)
+    p = topic_prefix
+    bad = {
+        "not_json": (f"{p}/dev/smoke-1/telemetry", b"{oops"),
+        "not_utf8": (f"{p}/dev/smoke-1/telemetry", b"\xc3\x28\xa0\xa1"),
+        "wrong_type": (f"{p}/dev/smoke-1/telemetry", b'{"alarm": "yes"}'),
+        "out_of_range": (f"{p}/dev/bin-1/telemetry", b'{"fill": 140}'),
+        "oversized": (f"{p}/dev/smoke-1/telemetry", b'{"pad": "' + b"x" * 20_000 + b'"}'),
+        "unknown_device": (f"{p}/dev/intruder-7/telemetry", b'{"smoke": 1}'),
+        "device_mismatch": (f"{p}/dev/smoke-1/telemetry", b'{"device_id": "smoke-2"}'),
+        "unknown_event": (f"{p}/dev/cover-1/event", b'{"event": "door_forced"}'),
+        "bad_status": (f"{p}/dev/cover-1/status", b"maybe"),
+    }
+    async with running_ingest(settings) as service, publisher(mqtt_url) as client:
+        for topic, payload in bad.values():
+            await publish(client, topic, payload)
+        await publish(client, f"{p}/dev/smoke-2/telemetry", {"smoke": 1})
+        letters = await wait_for(
+            lambda: fetch(database_url, "SELECT reason, topic, payload FROM dead_letters"),
+            lambda rows: len(rows) == len(bad),
+        )
+        await wait_for(lambda: fetchval(database_url, "SELECT count(*) FROM telemetry"),
+                       lambda n: n == 1)  # fmt: skip
+        assert service.source.is_connected()
+    by_reason = {row["reason"]: row for row in letters}
+    assert set(by_reason) == set(bad)
+    for reason, (topic, payload) in bad.items():
+        assert by_reason[reason]["topic"] == topic
+        assert by_reason[reason]["payload"] == payload  # raw bytes kept for inspection
+
+
+async def test_a_redelivered_seq_is_stored_once(database_url, mqtt_url, topic_prefix):
+    await register_devices(database_url, TEST_DEVICES)
+    settings = settings_for(database_url, mqtt_url, topic_prefix)
+    topic = f"{topic_prefix}/dev/cover-1/telemetry"
+    async with running_ingest(settings), publisher(mqtt_url) as client:
+        for _ in range(3):  # same batch and later batches
+            await publish(client, topic, {"seq": 41, "tilt": 1})
+        await publish(client, topic, {"seq": 42, "tilt": 2})
+        await wait_for(lambda: fetchval(database_url, "SELECT count(*) FROM telemetry"),
+                       lambda n: n >= 2)  # fmt: skip
+    # And after a restart (new process memory), the database still knows seq 41.
+    async with running_ingest(settings) as service, publisher(mqtt_url) as client:
+        await publish(client, topic, {"seq": 41, "tilt": 1})
+        await publish(client, topic, {"seq": 43, "tilt": 3})
+        await wait_for(lambda: fetchval(database_url, "SELECT count(*) FROM telemetry"),
+                       lambda n: n >= 3)  # fmt: skip
+        await wait_for(lambda: _committed(service), lambda n: n >= 1)
+    seqs = await fetch(database_url, "SELECT seq FROM telemetry ORDER BY seq")
+    assert [r["seq"] for r in seqs] == [41, 42, 43]
+
+
+async def _committed(service) -> int:
+    return service.committed_batches
+
+
+async def test_messages_published_while_down_arrive_after_restart(
+    database_url, mqtt_url, topic_prefix
+):
+    await register_devices(database_url, TEST_DEVICES)
+    settings = settings_for(database_url, mqtt_url, topic_prefix)
+    async with running_ingest(settings):
+        pass  # creates the persistent session
+    async with publisher(mqtt_url) as client:
+        for seq in range(50):
+            await publish(client, f"{topic_prefix}/dev/smoke-1/telemetry", {"seq": seq, "smoke": 1})
+    async with running_ingest(settings):
+        count = await wait_for(
+            lambda: fetchval(database_url, "SELECT count(*) FROM telemetry"), lambda n: n >= 50
+        )
+    assert count == 50
+
+
+async def test_last_seen_is_flushed_without_a_write_per_message(
+    database_url, mqtt_url, topic_prefix
+):
+    await register_devices(database_url, TEST_DEVICES)
+    settings = settings_for(database_url, mqtt_url, topic_prefix)
+    async with running_ingest(settings), publisher(mqtt_url) as client:
+        for seq in range(20):
+            await publish(client, f"{topic_prefix}/dev/smoke-2/telemetry", {"seq": seq})
+        await publish(client, f"{topic_prefix}/dev/smoke-2/status", b"offline")
+        row = await wait_for(
+            lambda: _last_seen(database_url, "smoke-2"),
+            lambda r: r is not None and r["last_seq"] == 19 and r["status"] == "offline",
+        )
+    assert row["last_seen"] is not None
+
+
+async def _last_seen(database_url: str, device_id: str) -> asyncpg.Record | None:
+    rows = await fetch(database_url, "SELECT * FROM device_last_seen WHERE device_id = $1",
+                       device_id)  # fmt: skip
+    return rows[0] if rows else None
