@@ -494,7 +494,7 @@ class EmbeddedPostgres:
             )
 
     def _clear_stale_lock(self) -> None:
-        """A postmaster.pid naming a live process that is not our postmaster is stale.
+        """A lock file naming a live process that is not our postmaster is stale.
 
         After a kill -9 (or a reboot) the pid in the lock file may belong to another process;
         postgres itself would then refuse to start ("lock file already exists") if that process
@@ -504,11 +504,14 @@ class EmbeddedPostgres:
         attached to its shared memory still stop postgres from starting ("shared memory block
         ... still in use"); `_start_server` waits for them to exit.
         """
-        lock = self.pgdata / "postmaster.pid"
-        pid = _read_pid(lock)
-        if pid is not None and pid_exists(pid) and self.running_pid() is None:
-            log.warning("removing stale %s (pid %s is not our postmaster)", lock, pid)
-            lock.unlink(missing_ok=True)
+        if self.running_pid() is not None:
+            return
+        # The unix socket's lock file holds the same pid and is checked the same way.
+        for lock in [self.pgdata / "postmaster.pid", *self.home.glob(".s.PGSQL.*.lock")]:
+            pid = _read_pid(lock)
+            if pid is not None and pid_exists(pid):
+                log.warning("removing stale %s (pid %s is not our postmaster)", lock, pid)
+                lock.unlink(missing_ok=True)
 
     def _write_conf(self, port: int) -> None:
         socket_path = self.home / f".s.PGSQL.{port}"

@@ -109,11 +109,11 @@ def timescale_dsn() -> Iterator[str]:
             server = subprocess.Popen(
                 [node, "server.mjs", "0"],  # port 0: the OS picks a free one, READY names it
                 cwd=HERE,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,  # closed when pytest exits, however: the server exits
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 text=True,
-                env={**os.environ, "NODE_NO_WARNINGS": "1"},
+                env={**os.environ, "NODE_NO_WARNINGS": "1", "PGLITE_EXIT_ON_STDIN_EOF": "1"},
             )
         try:
             port = _wait_ready(server, stderr_path)
@@ -133,5 +133,6 @@ def timescale_dsn() -> Iterator[str]:
                 except subprocess.TimeoutExpired:
                     server.kill()
                     server.wait()
-            assert server.stdout is not None
-            server.stdout.close()
+            for pipe in (server.stdin, server.stdout):
+                if pipe is not None:
+                    pipe.close()

@@ -9,12 +9,14 @@
 //
 //   READY host=127.0.0.1 port=NNNNN
 //
-// No TLS (clients must use sslmode=disable), any password is accepted (use
-// postgres/postgres), and ONE client connection is served at a time: a second
-// one waits in pglite-socket's queue until the first disconnects.
-// SIGTERM / SIGINT stop the server and close the database.
+// No TLS (an SSLRequest is declined, so sslmode=prefer works too), any password
+// is accepted (use postgres/postgres), and ONE client connection is served at a
+// time: a second one waits in pglite-socket's queue until the first disconnects.
+// SIGTERM / SIGINT stop the server and close the database; so does the end of
+// stdin when PGLITE_EXIT_ON_STDIN_EOF=1 (the test fixture sets it, so a killed
+// pytest leaves no server behind). PGLITE_DEBUG=1 logs traffic sizes to stderr.
 //
-// pglite-socket 0.0.19 hands every TCP chunk straight to PGlite. Three things a
+// pglite-socket 0.0.19 hands every TCP chunk straight to PGlite. Four things a
 // real PostgreSQL client needs do not work that way, so this file replaces the
 // handler's input path (`PGLiteSocketHandler.prototype.handleData`, a private
 // method of the pinned 0.0.19; checked at start-up) and hooks `detach`:
@@ -36,7 +38,6 @@
 //    statements, advisory locks, SET values and an open transaction would leak
 //    from one client into the next. When a client goes away the session is reset
 //    (ROLLBACK + DISCARD ALL) before the next client is let in.
-//
 // 4. An SSLRequest gets an answer that is neither 'S' nor 'N' from PGlite, so
 //    clients in sslmode=prefer (asyncpg's default) fail with "rejected SSL
 //    upgrade". Here SSLRequest and GSSENCRequest are answered 'N' (no TLS).
@@ -262,6 +263,11 @@ async function shutdown(signal) {
 }
 process.on('SIGTERM', () => shutdown('SIGTERM'))
 process.on('SIGINT', () => shutdown('SIGINT'))
+if (process.env.PGLITE_EXIT_ON_STDIN_EOF === '1') {
+  // The test fixture holds our stdin open: if it dies, even by SIGKILL, we go too.
+  process.stdin.on('end', () => shutdown('stdin closed'))
+  process.stdin.resume()
+}
 
 const actualPort = server.getServerConn().split(':').pop()
 console.log(`READY host=${HOST} port=${actualPort}`)

@@ -1,0 +1,3 @@
+from gridwarden.cli import main
+
+main()
