@@ -189,7 +189,7 @@ def chirpstack_uplink(
 
 
 def _hik_envelope(spec: DeviceSpec, ts_time: float) -> dict[str, Any]:
-    octets = bytes.fromhex(_digest(f"ip:{spec.id}", 4))
+    octets = bytes.fromhex(_digest(f"ip:{spec.id}", 6))
     mac = _digest(f"mac:{spec.id}", 12)
     return {
         "ipAddress": f"10.{octets[0]}.{octets[1]}.{max(octets[2], 2)}",

@@ -43,13 +43,22 @@ RANGES: Final[dict[str, tuple[float, float]]] = {
 EVENTS: Final[dict[DeviceKind, frozenset[str]]] = {
     "smoke_detector": frozenset({"alarm", "test", "tamper", "silenced"}),
     "manhole_cover": frozenset({"opened", "closed", "tamper"}),
-    "door_access": frozenset({
-        "access_granted", "access_denied", "door_opened", "door_closed",
-        "door_forced", "door_held_open", "tamper",
-    }),  # fmt: skip
+    "door_access": frozenset(
+        {
+            "access_granted",
+            "access_denied",
+            "door_opened",
+            "door_closed",
+            "door_forced",
+            "door_held_open",
+            "tamper",
+        }
+    ),
     "smart_bin": frozenset({"fire", "knocked_over", "emptied"}),
 }
-BOOLEAN_FIELDS: Final = frozenset({"alarm", "test", "tamper", "open", "door_open", "locked", "fire"})
+BOOLEAN_FIELDS: Final = frozenset(
+    {"alarm", "test", "tamper", "open", "door_open", "locked", "fire"}
+)
 
 SELF_TEST_PROBABILITY: Final = 0.0002  # per smoke-detector report
 MAX_DOOR_ACCESSES_PER_REPORT: Final = 12
@@ -259,14 +268,16 @@ def _door(
                 credential = rng.choice(state.credentials)
                 opened = min(at + rng.uniform(1.0, 3.0), t)
                 closed = min(opened + rng.uniform(4.0, 15.0), t)
-                events.append(Reading(at, "event",
-                                      {"event": "access_granted", "credential": credential}))
+                events.append(
+                    Reading(at, "event", {"event": "access_granted", "credential": credential})
+                )
                 events.append(Reading(opened, "event", {"event": "door_opened"}))
                 events.append(Reading(closed, "event", {"event": "door_closed"}))
             else:
                 credential = _credential(rng)
-                events.append(Reading(at, "event",
-                                      {"event": "access_denied", "credential": credential}))
+                events.append(
+                    Reading(at, "event", {"event": "access_denied", "credential": credential})
+                )
         state.door_open = False
         state.locked = True
     return {"door_open": state.door_open, "locked": state.locked}

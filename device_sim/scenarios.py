@@ -1,14 +1,19 @@
 """Named scenarios injected into a normal fleet.
 
-| name | story |
-|---|---|
-| `fire` | a smoke detector's smoke and temperature rise, it alarms (`alarm: true` + event `alarm`); a second detector in the same building follows within a minute; silenced ~10 min later |
-| `cover_opened` | a manhole cover is lifted: tilt 25–85°, `open: true`, event `opened`; put back (`closed`) after 15 min |
-| `door_forced` | a door is opened without a pass (`door_forced`), left open (`door_held_open`), closed after 5 min |
-| `bin_full` | a bin fills to 95–100 % and is not collected for 20 min, then `emptied` |
-| `bin_fire` | a bin's temperature climbs past 60 °C: `fire: true` + event `fire`; out after ~10 min |
-| `faulty` | a few devices send out-of-range values (smoke 150, fill −5 …), wrong types, bad `ts`/`seq`, unknown events |
-| `hostile` | not JSON, invalid UTF-8, > 16 KiB, unknown device ids, bad topics, random bytes … |
+- `fire`: a smoke detector's smoke and temperature rise, it alarms (`alarm: true` +
+  event `alarm`); a second detector in the same building follows within a minute;
+  silenced about ten minutes later.
+- `cover_opened`: a manhole cover is lifted (tilt 25–85°, `open: true`, event `opened`)
+  and put back (`closed`) after 15 minutes.
+- `door_forced`: a door is opened without a pass (`door_forced`), left open
+  (`door_held_open`), closed after 5 minutes.
+- `bin_full`: a bin fills to 95–100 % and is not collected for 20 minutes, then `emptied`.
+- `bin_fire`: a bin's temperature climbs past 60 °C: `fire: true` + event `fire`; out
+  after about ten minutes.
+- `faulty`: a few devices send out-of-range values (smoke 150, fill −5 …), wrong types,
+  bad `ts` / `seq`, unknown events.
+- `hostile`: not JSON, invalid UTF-8, > 16 KiB, unknown device ids, bad topics, random
+  bytes, NaN, NUL, deep nesting …
 
 Times are simulated seconds. Every scenario picks its devices with its own seeded
 random stream, so a run is reproducible from the fleet and the seed.
@@ -77,6 +82,7 @@ class Fire:
             frac = index / count
             smoke = round(0.1 + 29.9 * frac**2 + rng.uniform(-0.05, 0.05) * frac, 2)
             temperature = round(ambient + 40.0 * frac**1.5 + rng.gauss(0.0, 0.3), 1)
+            co = round(1.0 + 150.0 * frac**2, 1)  # smouldering: carbon monoxide rises too
             alarm = smoke >= SMOKE_ALARM_THRESHOLD
             event = None
             if alarm and not alarmed:
@@ -84,7 +90,7 @@ class Fire:
                 alarmed = True
             steps.append(Step(
                 start + index * self.report_every_s, spec.id,
-                overrides={"smoke": smoke, "temperature": temperature, "alarm": alarm},
+                overrides={"smoke": smoke, "temperature": temperature, "co": co, "alarm": alarm},
                 hold=QUIET, event=event,
             ))  # fmt: skip
         t = start + self.rise_s
@@ -93,16 +99,17 @@ class Fire:
             steps.append(Step(t, spec.id, overrides={
                 "smoke": round(rng.uniform(25.0, 35.0), 2),
                 "temperature": round(ambient + rng.uniform(38.0, 50.0), 1),
+                "co": round(rng.uniform(120.0, 250.0), 1),
                 "alarm": True,
             }))  # fmt: skip
         # Someone silences it; the smoke clears.
         steps.append(Step(t + 30.0, spec.id, event={"event": "silenced"}, overrides={
             "smoke": round(rng.uniform(3.0, 5.0), 2),
-            "temperature": round(ambient + 15.0, 1), "alarm": False,
+            "temperature": round(ambient + 15.0, 1), "co": 30.0, "alarm": False,
         }))  # fmt: skip
         steps.append(Step(t + 90.0, spec.id, overrides={
             "smoke": round(rng.uniform(0.5, 1.0), 2),
-            "temperature": round(ambient + 4.0, 1), "alarm": False,
+            "temperature": round(ambient + 4.0, 1), "co": 5.0, "alarm": False,
         }))  # fmt: skip
         steps.append(Step(t + 150.0, spec.id, clear=True))
         return steps
@@ -200,8 +207,14 @@ class BinFire:
             fire = temperature >= BIN_FIRE_THRESHOLD_C
             event = {"event": "fire"} if fire and not burning else None
             burning = burning or fire
-            steps.append(Step(t0 + index * self.rise_s / 6, spec.id,
-                              overrides={"temperature": temperature, "fire": fire}, event=event))
+            steps.append(
+                Step(
+                    t0 + index * self.rise_s / 6,
+                    spec.id,
+                    overrides={"temperature": temperature, "fire": fire},
+                    event=event,
+                )
+            )
         t = t0 + self.rise_s
         while t + 60.0 < t0 + self.rise_s + self.burn_s:
             t += 60.0
@@ -362,7 +375,5 @@ def make_scenarios(names: Sequence[str]) -> list[Scenario]:
     """Scenario objects for the given names (repeats allowed); unknown names: ValueError."""
     unknown = [name for name in names if name not in SCENARIOS]
     if unknown:
-        raise ValueError(
-            f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}"
-        )
+        raise ValueError(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
     return [SCENARIOS[name]() for name in names]

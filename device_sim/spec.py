@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, cast, get_args
+from typing import Any, Final, Literal, get_args
 
 DeviceKind = Literal["smoke_detector", "manhole_cover", "door_access", "smart_bin"]
 DEVICE_KINDS: Final[tuple[DeviceKind, ...]] = get_args(DeviceKind)
@@ -87,7 +87,7 @@ class DeviceSpec:
         kind = str(row["kind"]).strip()
         if kind not in DEVICE_KINDS:
             raise ValueError(f"kind {kind!r} is not one of {', '.join(DEVICE_KINDS)}")
-        typed_kind = cast(DeviceKind, kind)
+        typed_kind: DeviceKind = kind
         return cls(
             id=str(row["id"]).strip(),
             kind=typed_kind,

@@ -95,6 +95,20 @@ async def test_migrate_applies_timescale_flavour(migrated: list[str], timescale_
             "telemetry": True,
             "device_events": True,
         }
+        settings = await conn.fetch(
+            "SELECT hypertable_name, attname, segmentby_column_index, orderby_column_index,"
+            "       orderby_asc"
+            " FROM timescaledb_information.compression_settings"
+            " WHERE hypertable_schema = 'public'"
+        )
+        assert {tuple(row) for row in settings} == {
+            (table, column, segment, order, asc)
+            for table in ("telemetry", "device_events")
+            for column, segment, order, asc in (
+                ("device_id", 1, None, None),
+                ("time", None, 1, False),
+            )
+        }
         dimensions = await conn.fetch(
             "SELECT hypertable_name, column_name, time_interval"
             " FROM timescaledb_information.dimensions WHERE hypertable_schema = 'public'"
@@ -142,6 +156,10 @@ async def test_copy_round_trip_and_hourly_aggregate(
         (START + timedelta(days=9), DEVICES[1], 10_001, START + timedelta(days=9, seconds=1),
          "tamper", None, None),
     ]  # fmt: skip
+    select_telemetry = (
+        f"SELECT {', '.join(TELEMETRY_COLUMNS)} FROM telemetry"
+        " WHERE device_id = ANY($1) ORDER BY device_id, time"
+    )
     async with connection(timescale_dsn) as conn, asyncio.timeout(DB_TIMEOUT_S):
         # The ingest writer COPYs inside its batch transaction; so does this.
         async with conn.transaction():
@@ -154,11 +172,7 @@ async def test_copy_round_trip_and_hourly_aggregate(
             )
             assert status == f"COPY {len(events)}"
 
-        rows = await conn.fetch(
-            f"SELECT {', '.join(TELEMETRY_COLUMNS)} FROM telemetry"
-            " WHERE device_id = ANY($1) ORDER BY device_id, time",
-            list(DEVICES),
-        )
+        rows = await conn.fetch(select_telemetry, list(DEVICES))
         assert len(rows) == len(records)
         for row, record in zip(rows, records, strict=True):
             *fixed, extra = record
@@ -208,6 +222,16 @@ async def test_copy_round_trip_and_hourly_aggregate(
         )
         assert await conn.fetchval(materialised) == len(DEVICES) * MINUTES // 60
         hourly = await conn.fetch(hourly_sql, list(DEVICES))
+
+        # What the compression policy would do after 7 days, done now: the readings
+        # read back the same from the compressed chunk.
+        compressed = await conn.fetch("SELECT compress_chunk(c) FROM show_chunks('telemetry') c")
+        assert len(compressed) == 1
+        assert await conn.fetchval(
+            "SELECT bool_and(is_compressed) FROM timescaledb_information.chunks"
+            " WHERE hypertable_name = 'telemetry'"
+        )
+        assert await conn.fetch(select_telemetry, list(DEVICES)) == rows
 
     expected = _expected_hourly(records)
     for result in (realtime, hourly):
