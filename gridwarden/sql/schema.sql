@@ -1,0 +1,167 @@
+-- The current schema (plain PostgreSQL flavour), in one file to read. Every
+-- migration must keep this file in step: tests/test_schema.py proves that migrating
+-- from empty gives exactly this schema.
+
+CREATE TABLE schema_migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    flavour     text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+
+CREATE TABLE cells (
+    id          text PRIMARY KEY,
+    name        text NOT NULL,
+    level       text NOT NULL CHECK (level IN ('street', 'community', 'grid', 'micro')),
+    parent_id   text REFERENCES cells (id) DEFERRABLE INITIALLY DEFERRED,
+    geometry    jsonb NOT NULL,
+    min_lon     double precision NOT NULL,
+    min_lat     double precision NOT NULL,
+    max_lon     double precision NOT NULL,
+    max_lat     double precision NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX cells_parent_idx ON cells (parent_id);
+
+CREATE TABLE devices (
+    id          text PRIMARY KEY CHECK (id ~ '^[A-Za-z0-9_.:-]{1,64}$'),
+    kind        text NOT NULL
+                CHECK (kind IN ('smoke_detector', 'manhole_cover', 'door_access', 'smart_bin')),
+    lat         double precision NOT NULL CHECK (lat BETWEEN -90 AND 90),
+    lon         double precision NOT NULL CHECK (lon BETWEEN -180 AND 180),
+    cell_id     text REFERENCES cells (id),
+    name        text,
+    building    text,
+    floor       integer,
+    interval_s  integer CHECK (interval_s > 0),
+    height_cm   double precision CHECK (height_cm > 0),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX devices_cell_idx ON devices (cell_id);
+
+-- Updated by a periodic flush from memory, not per message; fillfactor leaves room
+-- for HOT updates.
+CREATE TABLE device_last_seen (
+    device_id   text PRIMARY KEY REFERENCES devices (id) ON DELETE CASCADE,
+    last_seen   timestamptz NOT NULL,
+    last_seq    bigint,
+    status      text CHECK (status IN ('online', 'offline')),
+    status_at   timestamptz
+) WITH (fillfactor = 70);
+
+CREATE TABLE workers (
+    id            text PRIMARY KEY,
+    name          text NOT NULL,
+    role          text NOT NULL CHECK (role IN ('grid_worker', 'grid_leader', 'community_staff',
+                                                'street_staff', 'part_time')),
+    phone_hash    text,
+    phone_masked  text,
+    on_duty       boolean NOT NULL DEFAULT true,
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE worker_cells (
+    worker_id   text NOT NULL REFERENCES workers (id) ON DELETE CASCADE,
+    cell_id     text NOT NULL REFERENCES cells (id),
+    PRIMARY KEY (worker_id, cell_id)
+);
+CREATE INDEX worker_cells_cell_idx ON worker_cells (cell_id);
+
+-- One row per (device, seq) seen within the dedup window: the database, not memory,
+-- decides what is a duplicate, so a redelivery after kill -9 is still caught.
+CREATE TABLE telemetry_dedup (
+    device_id    text NOT NULL,
+    seq          bigint NOT NULL,
+    received_at  timestamptz NOT NULL,
+    PRIMARY KEY (device_id, seq)
+);
+CREATE INDEX telemetry_dedup_received_idx ON telemetry_dedup (received_at);
+
+CREATE TABLE dead_letters (
+    id           bigserial PRIMARY KEY,
+    received_at  timestamptz NOT NULL DEFAULT now(),
+    topic        text NOT NULL,
+    device_id    text,
+    reason       text NOT NULL,
+    detail       text NOT NULL DEFAULT '',
+    payload      bytea NOT NULL
+);
+CREATE INDEX dead_letters_received_idx ON dead_letters (received_at DESC);
+CREATE INDEX dead_letters_reason_idx ON dead_letters (reason, received_at DESC);
+
+-- Readings: one typed column per physical quantity of CONTRACT §2 (nulls cost a bit
+-- each), unknown extra fields kept in `extra`.
+CREATE TABLE telemetry (
+    time         timestamptz NOT NULL,
+    device_id    text NOT NULL,
+    seq          bigint,
+    received_at  timestamptz NOT NULL,
+    battery      double precision,
+    rssi         double precision,
+    smoke        double precision,
+    temperature  double precision,
+    co           double precision,
+    tilt         double precision,
+    water_level  double precision,
+    gas_ch4      double precision,
+    gas_h2s      double precision,
+    fill         double precision,
+    weight       double precision,
+    alarm        boolean,
+    test         boolean,
+    tamper       boolean,
+    open         boolean,
+    door_open    boolean,
+    locked       boolean,
+    fire         boolean,
+    extra        jsonb
+);
+CREATE INDEX telemetry_device_time_idx ON telemetry (device_id, time DESC);
+
+-- Discrete happenings (`event` topic) and status changes (`status` topic).
+CREATE TABLE device_events (
+    time             timestamptz NOT NULL,
+    device_id        text NOT NULL,
+    seq              bigint,
+    received_at      timestamptz NOT NULL,
+    event            text NOT NULL,
+    credential_hash  text,
+    data             jsonb
+);
+CREATE INDEX device_events_device_time_idx ON device_events (device_id, time DESC);
+
+-- API tokens: only a SHA-256 of the token is kept. Tokens are 256-bit random, so a
+-- fast hash is enough, and looking up by hash never compares secrets byte by byte.
+CREATE TABLE api_tokens (
+    id          bigserial PRIMARY KEY,
+    token_hash  text NOT NULL UNIQUE,
+    role        text NOT NULL CHECK (role IN ('operator', 'worker', 'admin')),
+    worker_id   text REFERENCES workers (id) ON DELETE CASCADE,
+    label       text NOT NULL DEFAULT '',
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    revoked_at  timestamptz,
+    CHECK ((role = 'worker') = (worker_id IS NOT NULL))
+);
+
+-- Plain PostgreSQL flavour: the same tables, a BRIN index on time instead of
+-- chunks, and the hourly aggregate as an ordinary view over date_bin.
+CREATE INDEX telemetry_time_brin ON telemetry USING brin (time);
+CREATE INDEX device_events_time_brin ON device_events USING brin (time);
+
+CREATE VIEW telemetry_hourly AS
+SELECT date_bin(INTERVAL '1 hour', time, TIMESTAMPTZ '2000-01-01') AS bucket,
+       device_id,
+       count(*)           AS samples,
+       avg(battery)       AS battery,
+       avg(smoke)         AS smoke_avg,      max(smoke)       AS smoke_max,
+       avg(temperature)   AS temperature_avg, max(temperature) AS temperature_max,
+       max(co)            AS co_max,
+       max(tilt)          AS tilt_max,
+       avg(water_level)   AS water_level_avg, max(water_level) AS water_level_max,
+       max(gas_ch4)       AS gas_ch4_max,
+       max(gas_h2s)       AS gas_h2s_max,
+       avg(fill)          AS fill_avg,        max(fill)        AS fill_max,
+       avg(weight)        AS weight_avg
+FROM telemetry
+GROUP BY bucket, device_id;
