@@ -253,7 +253,8 @@ class Simulation:
             readings: list[Reading] = []
             for index in range(state.buffered):
                 at = t - (state.buffered - 1 - index) * spec.interval_s / state.buffered
-                readings.extend(generate(spec, state, at, rng))
+                if at >= self.start:  # the first flush holds only what was sampled since
+                    readings.extend(generate(spec, state, at, rng))
             return self._encode(spec, state, readings, state.scenario, as_array=True)
         return self._encode(spec, state, generate(spec, state, t, rng), state.scenario)
 
@@ -316,23 +317,29 @@ class Simulation:
     ) -> list[Outgoing]:
         if state.codec is not None:
             return self._encode_codec(spec, state, list(readings), scenario)
+        ordered = list(readings)
+        if as_array:
+            # `seq` counts messages in the order they are sent: the buffer goes first.
+            ordered.sort(key=lambda r: r.channel == "event")
         out: list[Outgoing] = []
-        telemetry: list[dict[str, Any]] = []
-        last_t = self.now
-        for reading in readings:
+        buffer: list[dict[str, Any]] = []
+        buffer_t = self.now
+        for reading in ordered:
             document = stamp(state, reading, self.stamp_time(reading.t))
-            last_t = reading.t
-            if reading.channel == "event":
-                out.append(Outgoing(f"dev/{spec.id}/event", _json(document), "event", spec.id,
-                                    spec.kind, scenario, t=reading.t))  # fmt: skip
-            elif as_array:
-                telemetry.append(document)
-            else:
-                out.append(Outgoing(f"dev/{spec.id}/telemetry", _json(document), "telemetry",
-                                    spec.id, spec.kind, scenario, t=reading.t))  # fmt: skip
-        if telemetry:
-            out.append(Outgoing(f"dev/{spec.id}/telemetry", _json(telemetry), "telemetry",
-                                spec.id, spec.kind, scenario, t=last_t))  # fmt: skip
+            if reading.channel == "telemetry" and as_array:
+                buffer.append(document)
+                buffer_t = reading.t
+                continue
+            if buffer:
+                out.append(Outgoing(f"dev/{spec.id}/telemetry", _json(buffer), "telemetry",
+                                    spec.id, spec.kind, scenario, t=buffer_t))  # fmt: skip
+                buffer = []
+            out.append(Outgoing(f"dev/{spec.id}/{reading.channel}", _json(document),
+                                reading.channel, spec.id, spec.kind, scenario,
+                                t=reading.t))  # fmt: skip
+        if buffer:
+            out.append(Outgoing(f"dev/{spec.id}/telemetry", _json(buffer), "telemetry",
+                                spec.id, spec.kind, scenario, t=buffer_t))  # fmt: skip
         return out
 
     def _encode_codec(

@@ -195,7 +195,7 @@ def generate(spec: DeviceSpec, state: DeviceState, t: float, rng: random.Random)
     """What the device reports at simulated time `t`: zero or more events that happened
     since its last report, then one telemetry reading (scenario overrides applied).
     Readings come out in time order."""
-    dt = spec.interval_s if state.last_t is None else max(0.0, t - state.last_t)
+    dt = 0.0 if state.last_t is None else max(0.0, t - state.last_t)  # first: no history
     since = t - dt
     state.last_t = t
     state.battery = max(1.0, state.battery - state.battery_drain_per_day * dt / DAY_S)

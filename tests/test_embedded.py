@@ -122,8 +122,10 @@ def test_a_second_start_reuses_the_cluster_and_its_data(services_root: Path) -> 
     data_dir = _fresh_dir(services_root)
     postgres = EmbeddedPostgres(data_dir)
     dsn = postgres.start()
+    port = postgres.port
     try:
-        assert postgres.port not in SHARED_PORTS
+        assert port is not None
+        assert port not in SHARED_PORTS
         _execute(dsn, "CREATE TABLE kept (note text); INSERT INTO kept VALUES ('still here')")
 
         # Started again while running (a left-over server): the same one is reused.
@@ -131,7 +133,7 @@ def test_a_second_start_reuses_the_cluster_and_its_data(services_root: Path) -> 
 
         postgres.stop()
         assert postgres.running_pid() is None
-        assert not _accepts(postgres.port)
+        assert not _accepts(port)
 
         again = EmbeddedPostgres(data_dir)
         assert again.start() == dsn, "same cluster, same recorded port while it is free"
@@ -222,7 +224,7 @@ async def _persistent_subscriber(
     port: int, identifier: str, protocol: aiomqtt.ProtocolVersion
 ) -> AsyncIterator[aiomqtt.Client]:
     if protocol is aiomqtt.ProtocolVersion.V5:
-        properties = Properties(PacketTypes.CONNECT)
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = 3600
         client = aiomqtt.Client(
             "127.0.0.1",
@@ -336,9 +338,7 @@ def test_embedded_services_start_what_is_not_configured(services_root: Path) -> 
 def test_embedded_services_leave_configured_urls_alone(services_root: Path) -> None:
     data_dir = _fresh_dir(services_root)
     configured = ("postgresql://someone@db.example:5432/gw", "mqtt://broker.example:1883")
-    settings = Settings(
-        data_dir=data_dir, database_url=configured[0], mqtt_url=configured[1]
-    )
+    settings = Settings(data_dir=data_dir, database_url=configured[0], mqtt_url=configured[1])
     with embedded_services(settings) as urls:
         assert urls == configured
     assert not data_dir.exists()
