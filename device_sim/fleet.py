@@ -200,7 +200,7 @@ def _client(target: MqttTarget, identifier: str) -> aiomqtt.Client:
         if target.tls_insecure:
             tls_context.check_hostname = False
             tls_context.verify_mode = ssl.CERT_NONE
-    return aiomqtt.Client(
+    client = aiomqtt.Client(
         target.host,
         target.port,
         username=target.username,
@@ -211,6 +211,8 @@ def _client(target: MqttTarget, identifier: str) -> aiomqtt.Client:
         timeout=PUBLISH_TIMEOUT_S,
         max_inflight_messages=PUBLISH_BATCH,
     )
+    client.pending_calls_threshold = PUBLISH_BATCH + 10  # batches are this big on purpose
+    return client
 
 
 def _forget_disconnect_error(client: aiomqtt.Client) -> None:

@@ -262,12 +262,16 @@ def _door(
         mean = 6.0 * _activity(t) * (t - since) / HOUR_S
         count = min(_poisson(rng, mean), MAX_DOOR_ACCESSES_PER_REPORT)
         latest = max(since, t - 25.0)  # the door is shut again before this report
-        for _ in range(count):
-            at = rng.uniform(since, latest)
+        free_from = since  # one passage at a time: the door closes before it opens again
+        for at in sorted(rng.uniform(since, latest) for _ in range(count)):
+            at = max(at, free_from)
+            if at > t:
+                break
             if rng.random() < 0.92 and state.credentials:
                 credential = rng.choice(state.credentials)
                 opened = min(at + rng.uniform(1.0, 3.0), t)
                 closed = min(opened + rng.uniform(4.0, 15.0), t)
+                free_from = closed + 0.5
                 events.append(
                     Reading(at, "event", {"event": "access_granted", "credential": credential})
                 )

@@ -811,13 +811,17 @@ def embedded_services(settings: Settings) -> Iterator[tuple[str, str]]:
     """Start what is not configured; yields ``(database_url, mqtt_url)``; stops them on exit."""
     with ExitStack() as stack:
         database_url = settings.database_url
+        # A service already running (another `gridwarden` command on the same data
+        # dir, e.g. `migrate` while `up` runs) is reused and left running.
         if database_url is None:
             postgres = EmbeddedPostgres(settings.data_dir)
-            stack.callback(postgres.stop)
+            if postgres.running_pid() is None:
+                stack.callback(postgres.stop)
             database_url = postgres.start()
         mqtt_url = settings.mqtt_url
         if mqtt_url is None:
             mosquitto = EmbeddedMosquitto(settings.data_dir)
-            stack.callback(mosquitto.stop)
+            if mosquitto.running_pid() is None:
+                stack.callback(mosquitto.stop)
             mqtt_url = mosquitto.start()
         yield database_url, mqtt_url
