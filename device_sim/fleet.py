@@ -378,10 +378,10 @@ async def run_fleet(
                         stats.dropped += len(backlog)
                         backlog.clear()
                         stats.backlog = 0
-                        log.warning("device_sim: giving up on the broker: %s", exc)
+                        log.warning("giving up on the broker: %s", exc)
                         return
                 stats.reconnects += 1
-                log.warning("device_sim: MQTT %s:%d: %s; retrying in %.1f s",
+                log.warning("MQTT %s:%d: %s; retrying in %.1f s",
                             target.host, target.port, exc, backoff)  # fmt: skip
                 pause = backoff * random.uniform(0.8, 1.2)
                 if drain_deadline is not None:
