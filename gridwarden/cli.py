@@ -101,7 +101,7 @@ def _serve(settings: Settings, *, demo: bool, speedup: float = 30.0) -> None:
     try:
         with _services(settings) as (database_url, mqtt_url):
             extra: dict[str, Any] = {}
-            ready = _print_ready
+            ready: Callable[[str], None] = _print_ready
             if demo:
                 from gridwarden.demo import prepare_demo
 
