@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from gridwarden.readings import DeviceInfo, Reading
 from ingest.codecs import CODECS, CodecError
 from ingest.models import EVENT_MODELS, TELEMETRY_MODELS
 from ingest.topics import ParsedTopic, TopicError, parse_topic
@@ -24,15 +25,7 @@ EARLIEST_VALID_TS = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_FUTURE_SKEW = timedelta(days=1)
 EPOCH_MS_THRESHOLD = 1e11  # numbers above this are milliseconds (1e11 s is the year 5138)
 _COMMON_KEYS = frozenset({"ts", "seq", "device_id"})
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceInfo:
-    id: str
-    kind: str
-    cell_id: str | None = None
-    height_cm: float | None = None
-    interval_s: int | None = None
+__all__ = ["DeviceInfo", "Reading"]  # re-exported: they live in the shared core
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,21 +36,6 @@ class RawMessage:
     mid: int = 0
     qos: int = 0
     generation: int = 0  # the MQTT connection it came on; acks go only to that one
-
-
-@dataclass(slots=True)
-class Reading:
-    """A validated reading (`channel="telemetry"`) or event (`channel="event"`)."""
-
-    channel: str
-    device_id: str
-    time: datetime
-    received_at: datetime
-    seq: int | None
-    values: dict[str, Any]
-    extra: dict[str, Any] | None = None
-    event: str | None = None
-    credential_hash: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

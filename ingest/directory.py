@@ -46,6 +46,7 @@ class DeviceDirectory:
                 cell_id=row["cell_id"],
                 height_cm=row["height_cm"],
                 interval_s=row["interval_s"],
+                building=row["building"],
             )
             self._watermark = row["updated_at"]
         self._last_refresh = time.monotonic()

@@ -28,7 +28,7 @@ DELETE FROM telemetry_dedup WHERE received_at < now() - make_interval(secs => $1
 -- name: devices_changed_since
 -- The minute of overlap catches rows of an import transaction that started before
 -- the previous refresh but committed after it.
-SELECT id, kind, cell_id, height_cm, interval_s, updated_at
+SELECT id, kind, cell_id, height_cm, interval_s, building, updated_at
 FROM devices WHERE updated_at > $1::timestamptz - INTERVAL '1 minute' ORDER BY updated_at;
 
 -- name: list_dead_letters

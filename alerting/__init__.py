@@ -1,0 +1,1 @@
+"""Alerting: alarm lifecycle and API, notifications (outbox), cases (next issue)."""

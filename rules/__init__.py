@@ -1,0 +1,1 @@
+"""Rules engine: declarative rules in TOML files, a stateful engine, alarms."""
