@@ -61,11 +61,23 @@ def _settings(ctx_args: dict[str, Any]) -> Settings:
 
 
 @contextmanager
-def _services(settings: Settings) -> Iterator[tuple[str, str]]:
-    from gridwarden.embedded import embedded_services
+def _services(settings: Settings, *, broker: bool = True) -> Iterator[tuple[str, str]]:
+    """The database and broker URLs, starting the embedded servers for what is unset.
 
-    with embedded_services(settings) as urls:
-        yield urls
+    `broker=False` (migrate, import, token): only the database is needed, so no embedded
+    Mosquitto is started (the yielded MQTT URL is then meaningless). A server that cannot be
+    started is a one-line message and exit 1, not a traceback.
+    """
+    from gridwarden.embedded import EmbeddedServiceError, embedded_services
+
+    if not broker and settings.mqtt_url is None:
+        settings = settings.model_copy(update={"mqtt_url": "mqtt://unused.invalid"})
+    try:
+        with embedded_services(settings) as urls:
+            yield urls
+    except EmbeddedServiceError as exc:
+        click.echo(f"gridwarden: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -126,7 +138,7 @@ def migrate(**kwargs: Any) -> None:
     from gridwarden.migrate import migrate as run_migrations
 
     settings = _settings(kwargs)
-    with _services(settings) as (database_url, _):
+    with _services(settings, broker=False) as (database_url, _):
         applied = _run(run_migrations(database_url))
     click.echo("applied: " + ", ".join(applied) if applied else "schema is up to date")
 
@@ -144,7 +156,7 @@ def _import_command(kind: str) -> None:
         from gridwarden.registry import RegistryError, import_file
 
         settings = _settings(kwargs)
-        with _services(settings) as (database_url, _):
+        with _services(settings, broker=False) as (database_url, _):
             try:
                 report = _run(_with_connection(database_url, import_file, kind, file, settings))
             except RegistryError as exc:
@@ -187,7 +199,7 @@ def token_create(role: str, worker_id: str | None, label: str, **kwargs: Any) ->
     from gridwarden.auth import create_token
 
     settings = _settings(kwargs)
-    with _services(settings) as (database_url, _):
+    with _services(settings, broker=False) as (database_url, _):
         try:
             value = _run(_with_connection(database_url, create_token, role, worker_id, label))
         except (ValueError, asyncpg.ForeignKeyViolationError) as exc:

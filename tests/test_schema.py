@@ -52,7 +52,11 @@ async def test_migrating_from_empty_equals_the_schema_file(embedded_postgres):
     _, migrated_url = await _fresh_database(admin_url)
     _, schema_url = await _fresh_database(admin_url)
 
-    assert await migrate(migrated_url) == ["001_core (any)", "002_timeseries (plain)"]
+    assert await migrate(migrated_url) == [
+        "001_core (any)",
+        "002_timeseries (plain)",
+        "003_rules (any)",
+    ]
     assert await migrate(migrated_url) == []  # idempotent
 
     schema_sql = (resources.files("gridwarden") / "sql" / "schema.sql").read_text("utf-8")

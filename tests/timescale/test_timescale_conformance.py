@@ -24,7 +24,7 @@ from gridwarden.migrate import migrate
 pytestmark = pytest.mark.timescale
 
 DB_TIMEOUT_S = 60.0
-EXPECTED_STEPS = ["001_core (any)", "002_timeseries (timescale)"]
+EXPECTED_STEPS = ["001_core (any)", "002_timeseries (timescale)", "003_rules (any)"]
 
 # The column order of ingest/writer.py (TELEMETRY_COLUMNS, EVENT_COLUMNS).
 NUMERIC = ("battery", "rssi", "smoke", "temperature", "co", "tilt", "water_level",
@@ -272,7 +272,7 @@ async def test_migrate_again_applies_nothing(migrated: list[str], timescale_dsn:
     async with asyncio.timeout(DB_TIMEOUT_S):
         assert await migrate(timescale_dsn) == []
     async with connection(timescale_dsn) as conn, asyncio.timeout(DB_TIMEOUT_S):
-        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 2
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(EXPECTED_STEPS)
         # The server resets the shared PGlite session between connections: migrate's
         # advisory lock is gone and no transaction is left open.
         assert not conn.is_in_transaction()
