@@ -85,7 +85,7 @@ async def test_migrate_applies_timescale_flavour(migrated: list[str], timescale_
             "SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"
         ) == 1  # fmt: skip
         flavours = await conn.fetch("SELECT version, flavour FROM schema_migrations ORDER BY 1")
-        assert [tuple(row) for row in flavours] == [(1, "any"), (2, "timescale")]
+        assert [tuple(row) for row in flavours] == [(1, "any"), (2, "timescale"), (3, "any")]
 
         hypertables = await conn.fetch(
             "SELECT hypertable_name, compression_enabled"
