@@ -1,0 +1,527 @@
+"""The stateful rule engine. Pure: no I/O, no clock of its own.
+
+`evaluate(readings)` and `tick(now)` return an `Evaluation`: the new state of every
+(source, rule) they touched and the alarm operations to apply. The caller writes
+both in one transaction (with the readings themselves, for `evaluate`) and only
+then calls `commit(evaluation)`: memory never runs ahead of the database, so a
+crash before commit re-evaluates the redelivered batch from the same state.
+
+Semantics, per kind of rule:
+- field rules (threshold / boolean) hold a `firing` flag: they raise when `when`
+  holds (after `for_s` if set), repeat while it holds, and clear when `clear`
+  holds (hysteresis) or, without `clear`, when `when` stops holding. A reading that
+  lacks the field says nothing either way.
+- momentary rules (events, counts, rates of rise, correlations) raise at every
+  trigger; the database's one-open-alarm-per-(source, rule) turns a repeat into a
+  count. `clear_after_s` clears them after a quiet period.
+- absence rules are fired by `tick`, from each device's last message and its
+  reporting interval; the next message clears them.
+- flapping: an alarm raised again after clearing FLAP_COUNT times within
+  FLAP_WINDOW_S is held: it clears only after its clear condition has held for
+  FLAP_HOLD_S.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from gridwarden.readings import DeviceInfo, Reading
+from rules.spec import (
+    SEVERITY_RANK,
+    Absence,
+    AnyOf,
+    Condition,
+    Correlation,
+    CountInWindow,
+    EventCondition,
+    FieldCondition,
+    RateOfRise,
+    Rule,
+    RuleSet,
+)
+
+FLAP_COUNT = 3
+FLAP_WINDOW_S = 600.0
+FLAP_HOLD_S = 300.0
+MAX_RATE_SAMPLES = 64
+
+Key = tuple[str, str]  # (source, rule id)
+State = dict[str, Any]
+
+
+@dataclass
+class AlarmOp:
+    action: Literal["raise", "clear"]
+    source: str
+    rule: str
+    device_id: str
+    kind: str
+    severity: str
+    cell_id: str | None
+    building: str | None
+    at: datetime
+    count: int = 1
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Evaluation:
+    states: dict[Key, State | None] = field(default_factory=dict)  # None: idle, forget it
+    ops: list[AlarmOp] = field(default_factory=list)
+    heard: dict[str, float] = field(default_factory=dict)  # device → last message time
+
+    def add(self, op: AlarmOp) -> None:
+        """Consecutive raises of one key fold into one op with a count."""
+        last = self.ops[-1] if self.ops else None
+        if (
+            op.action == "raise"
+            and last is not None
+            and last.action == "raise"
+            and (last.source, last.rule) == (op.source, op.rule)
+        ):
+            last.count += op.count
+            last.at = max(last.at, op.at)
+            if SEVERITY_RANK[op.severity] > SEVERITY_RANK[last.severity]:
+                last.severity = op.severity
+            last.details = op.details
+            return
+        self.ops.append(op)
+
+    @property
+    def empty(self) -> bool:
+        return not self.states and not self.ops
+
+
+def due_at(state: State | None) -> float | None:
+    """When a timer must look at this state without waiting for a message."""
+    if not state:
+        return None
+    times = [state.get("pending_since_due"), state.get("clear_pending_due"),
+             state.get("clear_due")]  # fmt: skip
+    present = [t for t in times if t is not None]
+    return min(present) if present else None
+
+
+def _ts(value: datetime) -> float:
+    return value.timestamp()
+
+
+def _dt(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+def matches(condition: Condition, reading: Reading) -> bool | None:
+    """True / False, or None when the reading says nothing about it."""
+    if isinstance(condition, FieldCondition):
+        value = reading.values.get(condition.field)
+        if value is None:
+            return None
+        if condition.is_ is not None:
+            return bool(value) is condition.is_
+        if isinstance(value, bool):
+            return None
+        if condition.above is not None:
+            return bool(value > condition.above)
+        if condition.at_least is not None:
+            return bool(value >= condition.at_least)
+        if condition.below is not None:
+            return bool(value < condition.below)
+        return bool(value <= condition.at_most)
+    if isinstance(condition, EventCondition):
+        if reading.channel != "event":
+            return None
+        return reading.event in condition.event
+    results = [matches(c, reading) for c in condition.any_of]
+    if any(r is True for r in results):
+        return True
+    if all(r is False for r in results):
+        return False
+    return None
+
+
+def _idle(state: State) -> State | None:
+    return state if any(v not in (None, False, [], {}) for v in state.values()) else None
+
+
+class Engine:
+    def __init__(
+        self,
+        ruleset: RuleSet,
+        lookup_device: Callable[[str], DeviceInfo | None],
+        cells_of: Callable[[str | None], tuple[str, ...]] = lambda cell: (cell,) if cell else (),
+        muted: Callable[[DeviceInfo, datetime], bool] = lambda device, at: False,
+    ) -> None:
+        self.ruleset = ruleset
+        self.lookup_device = lookup_device
+        self.cells_of = cells_of
+        self.muted = muted
+        self.states: dict[Key, State] = {}
+        self.heard: dict[str, float] = {}
+        self._absence_heap: list[tuple[float, str, float]] = []
+        self._timer_heap: list[tuple[float, Key]] = []
+        self._rules_cache: dict[tuple[str, str, str | None], list[Rule]] = {}
+
+    # -- loading ---------------------------------------------------------------------
+    def load(self, states: Iterable[tuple[str, str, State]], heard: dict[str, float]) -> None:
+        """Restore persisted rule state and each device's last message time."""
+        for source, rule, state in states:
+            self.states[(source, rule)] = state
+            due = due_at(state)
+            if due is not None:
+                heapq.heappush(self._timer_heap, (due, (source, rule)))
+        for device_id, at in heard.items():
+            self.expect(device_id, at)
+
+    def expect(self, device_id: str, heard_at: float) -> None:
+        """Start watching a device for silence, as if last heard at `heard_at`."""
+        self.heard[device_id] = max(heard_at, self.heard.get(device_id, heard_at))
+        device = self.lookup_device(device_id)
+        deadline = self._absence_deadline(device, self.heard[device_id])
+        if deadline is not None:
+            heapq.heappush(self._absence_heap, (deadline, device_id, self.heard[device_id]))
+
+    def rules_for(self, device: DeviceInfo) -> list[Rule]:
+        key = (device.id, device.kind, device.cell_id)
+        rules = self._rules_cache.get(key)
+        if rules is None:
+            rules = self.ruleset.for_device(device.kind, device.id, self.cells_of(device.cell_id))
+            self._rules_cache[key] = rules
+        return rules
+
+    def _absence_rule(self, device: DeviceInfo) -> Rule | None:
+        for rule in self.rules_for(device):
+            if isinstance(rule.when, Absence):
+                return rule
+        return None
+
+    def _absence_deadline(self, device: DeviceInfo | None, heard_at: float) -> float | None:
+        if device is None or not device.interval_s:
+            return None
+        rule = self._absence_rule(device)
+        if rule is None:
+            return None
+        assert isinstance(rule.when, Absence)
+        return heard_at + rule.when.absent_for_intervals * device.interval_s
+
+    # -- state access within one evaluation ---------------------------------------------
+    def _get(self, evaluation: Evaluation, key: Key) -> State:
+        if key in evaluation.states:
+            return dict(evaluation.states[key] or {})
+        return dict(self.states.get(key, {}))
+
+    def _put(self, evaluation: Evaluation, key: Key, state: State) -> None:
+        evaluation.states[key] = _idle(state)
+
+    # -- messages --------------------------------------------------------------------
+    def evaluate(self, readings: Iterable[Reading]) -> Evaluation:
+        evaluation = Evaluation()
+        for reading in readings:
+            device = self.lookup_device(reading.device_id)
+            if device is None:
+                continue
+            at = min(reading.time, reading.received_at)
+            heard = _ts(reading.received_at)
+            evaluation.heard[device.id] = max(heard, evaluation.heard.get(device.id, heard))
+            if self.muted(device, at):
+                continue
+            for rule in self.rules_for(device):
+                if isinstance(rule.when, Absence):
+                    self._heard_again(evaluation, rule, device, reading.received_at)
+                elif isinstance(rule.when, Correlation):
+                    continue  # driven by the ops of the rule it correlates
+                elif any(matches(c, reading) is True for c in rule.unless):
+                    continue  # suppressed, e.g. a self-test
+                elif rule.momentary:
+                    self._momentary(evaluation, rule, device, reading, at)
+                else:
+                    self._stateful(evaluation, rule, device, reading, at)
+        self._correlate(evaluation)
+        return evaluation
+
+    def _op(
+        self,
+        action: Literal["raise", "clear"],
+        rule: Rule,
+        device: DeviceInfo,
+        at: datetime,
+        severity: str | None = None,
+        details: dict[str, Any] | None = None,
+        source: str | None = None,
+    ) -> AlarmOp:
+        return AlarmOp(
+            action=action,
+            source=source or device.id,
+            rule=rule.id,
+            device_id=device.id,
+            kind=device.kind,
+            severity=severity or rule.severity,
+            cell_id=device.cell_id,
+            building=device.building,
+            at=at,
+            details={"description": rule.description, **(details or {})},
+        )
+
+    def _severity(self, rule: Rule, reading: Reading | None) -> str:
+        severity = rule.severity
+        if reading is not None:
+            for level in rule.levels:
+                if matches(level.when, reading) and (
+                    SEVERITY_RANK[level.severity] > SEVERITY_RANK[severity]
+                ):
+                    severity = level.severity
+        return severity
+
+    @staticmethod
+    def _reading_details(rule: Rule, reading: Reading) -> dict[str, Any]:
+        fields = set()
+        for condition in [rule.when, *(level.when for level in rule.levels)]:
+            if isinstance(condition, FieldCondition):
+                fields.add(condition.field)
+            elif isinstance(condition, AnyOf):
+                fields |= {c.field for c in condition.any_of if isinstance(c, FieldCondition)}
+            elif isinstance(condition, RateOfRise):
+                fields.add(condition.rate_of_rise)
+        details: dict[str, Any] = {k: reading.values[k] for k in fields if k in reading.values}
+        if reading.event:
+            details["event"] = reading.event
+        return details
+
+    def _momentary(
+        self, evaluation: Evaluation, rule: Rule, device: DeviceInfo, reading: Reading, at: datetime
+    ) -> None:
+        key = (device.id, rule.id)
+        t = _ts(at)
+        when = rule.when
+        triggered = False
+        state = self._get(evaluation, key)
+        details = self._reading_details(rule, reading)
+        if isinstance(when, RateOfRise):
+            value = reading.values.get(when.rate_of_rise)
+            if value is None or isinstance(value, bool):
+                return
+            samples = [s for s in state.get("samples", []) if s[0] >= t - when.within_s]
+            samples = sorted([*samples, [t, float(value)]])[-MAX_RATE_SAMPLES:]
+            rise = float(value) - min(v for _, v in samples)
+            triggered = rise >= when.by
+            state["samples"] = samples
+            details["rise"] = round(rise, 3)
+        elif isinstance(when, CountInWindow):
+            if matches(when.count, reading) is not True:
+                return
+            hits = [h for h in state.get("hits", []) if h >= t - when.within_s] + [t]
+            triggered = len(hits) >= when.at_least
+            state["hits"] = hits[-when.at_least :]
+            details["count_in_window"] = len(hits)
+        else:
+            triggered = matches(when, reading) is True  # type: ignore[arg-type]
+        if triggered:
+            evaluation.add(self._op("raise", rule, device, at, self._severity(rule, reading),
+                                    details))  # fmt: skip
+            if rule.clear_after_s:
+                state["clear_due"] = t + rule.clear_after_s
+        self._put(evaluation, key, state)
+
+    def _stateful(
+        self, evaluation: Evaluation, rule: Rule, device: DeviceInfo, reading: Reading, at: datetime
+    ) -> None:
+        key = (device.id, rule.id)
+        t = _ts(at)
+        state = self._get(evaluation, key)
+        holds = matches(rule.when, reading)  # type: ignore[arg-type]
+        if rule.clear is not None:
+            clears = matches(rule.clear, reading)
+        else:
+            clears = None if holds is None else not holds
+        details = self._reading_details(rule, reading)
+        if not state.get("firing"):
+            if holds is True:
+                since = state.get("pending_since", t)
+                if t - since >= rule.for_s:
+                    self._fire(evaluation, state, rule, device, at, reading, details)
+                else:
+                    state["pending_since"] = since
+                    state["pending_since_due"] = since + rule.for_s
+                    state["pending_details"] = details
+            elif holds is False:
+                state.pop("pending_since", None)
+                state.pop("pending_since_due", None)
+                state.pop("pending_details", None)
+        elif clears is True:
+            self._clear(evaluation, state, rule, device, at, details)
+        elif holds is True:
+            state.pop("clear_pending_since", None)
+            state.pop("clear_pending_due", None)
+            evaluation.add(self._op("raise", rule, device, at, self._severity(rule, reading),
+                                    details))  # fmt: skip
+        self._put(evaluation, key, state)
+
+    def _fire(
+        self,
+        evaluation: Evaluation,
+        state: State,
+        rule: Rule,
+        device: DeviceInfo,
+        at: datetime,
+        reading: Reading | None,
+        details: dict[str, Any],
+    ) -> None:
+        t = _ts(at)
+        for name in ("pending_since", "pending_since_due", "pending_details"):
+            state.pop(name, None)
+        state["firing"] = True
+        clears = [c for c in state.get("clears", []) if c >= t - FLAP_WINDOW_S]
+        state["clears"] = clears
+        if len(clears) >= FLAP_COUNT:
+            state["flapping"] = True
+            details = {**details, "flapping": True}
+        evaluation.add(self._op("raise", rule, device, at, self._severity(rule, reading), details))
+
+    def _clear(
+        self,
+        evaluation: Evaluation,
+        state: State,
+        rule: Rule,
+        device: DeviceInfo,
+        at: datetime,
+        details: dict[str, Any],
+    ) -> None:
+        t = _ts(at)
+        if state.get("flapping") and "clear_pending_since" not in state:
+            state["clear_pending_since"] = t
+            state["clear_pending_due"] = t + FLAP_HOLD_S
+            return
+        if state.get("flapping") and t < state["clear_pending_due"]:
+            return
+        for name in ("firing", "flapping", "clear_pending_since", "clear_pending_due"):
+            state.pop(name, None)
+        state["clears"] = [c for c in state.get("clears", []) if c >= t - FLAP_WINDOW_S] + [t]
+        evaluation.add(self._op("clear", rule, device, at, details=details))
+
+    def _heard_again(
+        self, evaluation: Evaluation, rule: Rule, device: DeviceInfo, at: datetime
+    ) -> None:
+        key = (device.id, rule.id)
+        state = self._get(evaluation, key)
+        if state.get("firing"):
+            state.pop("firing")
+            evaluation.add(self._op("clear", rule, device, at, details={"heard_again": True}))
+            self._put(evaluation, key, state)
+
+    def _correlate(self, evaluation: Evaluation) -> None:
+        raised = [op for op in evaluation.ops if op.action == "raise" and op.source == op.device_id]
+        for op in raised:
+            for rule in self.ruleset.correlations.get(op.rule, []):
+                assert isinstance(rule.when, Correlation)
+                device = self.lookup_device(op.device_id)
+                if device is None or device.cell_id is None:
+                    continue
+                if rule.when.by == "building":
+                    if not device.building:
+                        continue
+                    group = f"building:{device.cell_id}/{device.building}"
+                else:
+                    group = f"cell:{device.cell_id}"
+                key = (group, rule.id)
+                t = _ts(op.at)
+                state = self._get(evaluation, key)
+                members = {d: s for d, s in state.get("devices", {}).items()
+                           if s >= t - rule.when.within_s}  # fmt: skip
+                members[device.id] = t
+                state["devices"] = members
+                state["clear_due"] = max(members.values()) + rule.when.within_s
+                if len(members) >= rule.when.min_devices:
+                    evaluation.add(self._op(
+                        "raise", rule, device, op.at,
+                        details={"devices": sorted(members), "group": group}, source=group,
+                    ))  # fmt: skip
+                self._put(evaluation, key, state)
+
+    # -- timers ----------------------------------------------------------------------
+    def next_due(self) -> float | None:
+        candidates = []
+        if self._timer_heap:
+            candidates.append(self._timer_heap[0][0])
+        if self._absence_heap:
+            candidates.append(self._absence_heap[0][0])
+        return min(candidates) if candidates else None
+
+    def tick(self, now: datetime) -> Evaluation:
+        """Everything due by `now`: durations held, quiet periods over, silences."""
+        evaluation = Evaluation()
+        t = _ts(now)
+        while self._timer_heap and self._timer_heap[0][0] <= t:
+            _, key = heapq.heappop(self._timer_heap)
+            state = self.states.get(key)
+            due = due_at(state)
+            if state is None or due is None or due > t:
+                continue  # stale entry: the state moved on
+            self._timer(evaluation, key, dict(state), now)
+        while self._absence_heap and self._absence_heap[0][0] <= t:
+            _, device_id, heard_at = heapq.heappop(self._absence_heap)
+            if self.heard.get(device_id) != heard_at:
+                continue  # heard again since
+            device = self.lookup_device(device_id)
+            rule = self._absence_rule(device) if device else None
+            if device is None or rule is None or self.muted(device, now):
+                continue
+            key = (device.id, rule.id)
+            state = self._get(evaluation, key)
+            if not state.get("firing"):
+                state["firing"] = True
+                silent_s = round(t - heard_at, 1)
+                evaluation.add(self._op("raise", rule, device, now,
+                                        details={"silent_s": silent_s}))  # fmt: skip
+                self._put(evaluation, key, state)
+        return evaluation
+
+    def _timer(self, evaluation: Evaluation, key: Key, state: State, now: datetime) -> None:
+        source, rule_id = key
+        rule = self.ruleset.rules.get(rule_id)
+        t = _ts(now)
+        device = self.lookup_device(source if not source.startswith(("building:", "cell:")) else "")
+        if rule is None:
+            self._put(evaluation, key, {})
+            return
+        if device is not None:
+            rule = next((r for r in self.rules_for(device) if r.id == rule_id), rule)
+        pending_due = state.get("pending_since_due")
+        if pending_due is not None and pending_due <= t and device is not None:
+            if not self.muted(device, now):
+                details = state.get("pending_details", {})
+                self._fire(evaluation, state, rule, device, now, None, details)
+        if state.get("clear_pending_due") is not None and state["clear_pending_due"] <= t:
+            state["clear_pending_due"] = t
+            if device is not None:
+                self._clear(evaluation, state, rule, device, now, {"flap_hold_s": FLAP_HOLD_S})
+        if state.get("clear_due") is not None and state["clear_due"] <= t:
+            state.pop("clear_due")
+            state.pop("samples", None)
+            state.pop("hits", None)
+            state.pop("devices", None)
+            if device is not None:
+                evaluation.add(self._op("clear", rule, device, now, details={"quiet": True}))
+            elif source.startswith(("building:", "cell:")):
+                evaluation.add(AlarmOp("clear", source, rule.id, "", rule.kind, rule.severity,
+                                       None, None, now))  # fmt: skip
+        self._put(evaluation, key, state)
+
+    # -- after the transaction committed ---------------------------------------------------
+    def commit(self, evaluation: Evaluation) -> None:
+        for key, state in evaluation.states.items():
+            if state is None:
+                self.states.pop(key, None)
+            else:
+                self.states[key] = state
+                due = due_at(state)
+                if due is not None:
+                    heapq.heappush(self._timer_heap, (due, key))
+        for device_id, heard_at in evaluation.heard.items():
+            self.expect(device_id, heard_at)
+
+    def forget_device_rules(self) -> None:
+        """The registry changed (a device moved cell): resolve rules again."""
+        self._rules_cache.clear()
