@@ -202,8 +202,15 @@ def token_create(role: str, worker_id: str | None, label: str, **kwargs: Any) ->
     with _services(settings, broker=False) as (database_url, _):
         try:
             value = _run(_with_connection(database_url, create_token, role, worker_id, label))
-        except (ValueError, asyncpg.ForeignKeyViolationError) as exc:
+        except ValueError as exc:
             click.echo(f"gridwarden: {exc}", err=True)
+            sys.exit(EXIT_FAILED)
+        except asyncpg.ForeignKeyViolationError:
+            click.echo(
+                f"gridwarden: no worker {worker_id!r} in the registry "
+                "(import it with `gridwarden import workers FILE` first)",
+                err=True,
+            )
             sys.exit(EXIT_FAILED)
     click.echo(value)
 

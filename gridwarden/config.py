@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     last_seen_flush_s: float = Field(default=DEFAULT_LAST_SEEN_FLUSH_S, gt=0)
     telemetry_retention_days: int = Field(default=365, ge=1)
     telemetry_compress_after_days: int = Field(default=7, ge=1)
+    rules_dir: Path | None = Field(
+        default=None, description="extra rule files (*.toml): new rules, replacements, overrides"
+    )
+    rules_tick_s: float = Field(default=0.2, gt=0, le=5, description="timer resolution")
     credential_hash_key: str = Field(
         default="gridwarden-dev-key", description="key for hashing card numbers; set in production"
     )

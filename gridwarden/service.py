@@ -92,6 +92,7 @@ async def run_service(
     """Run until SIGTERM/SIGINT (clean return) or a task failure (TaskDied)."""
     from ingest.api import router as ingest_router
     from ingest.consumer import IngestService
+    from rules.runtime import RulesService
 
     parse_mqtt_url(mqtt_url)
     applied = await migrate(database_url)
@@ -102,6 +103,12 @@ async def run_service(
         pool = await create_pool(database_url)
         try:
             ingest = IngestService(settings, pool, mqtt_url)
+            await ingest.directory.refresh(pool)
+            rules = RulesService(
+                settings, pool, ingest.directory.lookup, devices=ingest.directory.ids
+            )
+            await rules.start()
+            ingest.rules = rules
             state = AppState(
                 pool,
                 readiness={
@@ -114,6 +121,8 @@ async def run_service(
             supervisor.install_signal_handlers()
             supervisor.add("ingest", ingest.run)
             supervisor.add("ingest-maintenance", ingest.maintain)
+            supervisor.add("rules-timers", rules.run_timers)
+            supervisor.add("rules-refresh", rules.run_refresh)
             supervisor.add("http", http_task(app, sock))
             for name, make in (extra_tasks or {}).items():
                 supervisor.add(name, make(pool))

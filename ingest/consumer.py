@@ -28,7 +28,7 @@ from ingest.decode import DeadLetter, Decoded, Decoder, RawMessage, Reading, cre
 from ingest.directory import DeviceDirectory
 from ingest.mqtt_source import MqttSource
 from ingest.topics import subscriptions
-from ingest.writer import WriteResult, write_batch
+from ingest.writer import RulesHook, WriteResult, write_batch
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class IngestService:
         pool: asyncpg.Pool,
         mqtt_url: str,
         *,
+        rules: RulesHook | None = None,
         after_commit: AfterCommit | None = None,
     ) -> None:
         self.settings = settings
@@ -75,6 +76,7 @@ class IngestService:
             topics=subscriptions(settings.topic_prefix),
             receive_maximum=settings.batch_max_messages * RECEIVE_MAXIMUM_BATCHES,
         )
+        self.rules = rules
         self.after_commit = after_commit
         self._last_seen: dict[str, LastSeen] = {}
         self.committed_batches = 0
@@ -139,7 +141,11 @@ class IngestService:
             # A device imported moments ago: look again before dead-lettering it.
             await self._with_retry(self.directory.refresh)
             decoded = self.decode(batch)
-        result = await self._commit(decoded)
+        if self.rules is not None:
+            async with self.rules.lock:
+                result = await self._commit(decoded)
+        else:
+            result = await self._commit(decoded)
         self.source.ack(batch)
         self.committed_batches += 1
         self._record(result, decoded)
@@ -187,13 +193,16 @@ class IngestService:
             events += part.event_rows
             dead += part.dead_letter_rows
             duplicates += part.duplicates
-        return WriteResult(stored, telemetry, events, dead, duplicates)
+        return WriteResult(stored, telemetry, events, dead, duplicates, evaluation=None)
 
     async def _write(self, decoded: Decoded) -> WriteResult:
         async def work(conn: asyncpg.Connection) -> WriteResult:
-            return await write_batch(conn, decoded, self.settings.dedup_window_s)
+            return await write_batch(conn, decoded, self.settings.dedup_window_s, self.rules)
 
-        return await self._with_retry(work)
+        result = await self._with_retry(work)
+        if self.rules is not None and result.evaluation is not None:
+            self.rules.committed(result.evaluation)
+        return result
 
     async def _with_retry(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         delay = RETRY_MIN_S

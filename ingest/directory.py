@@ -33,6 +33,9 @@ class DeviceDirectory:
             self.unknown_seen = True
         return device
 
+    def ids(self) -> list[str]:
+        return list(self.devices)
+
     def refresh_due(self) -> bool:
         return time.monotonic() - self._last_refresh >= self._refresh_min_interval_s
 

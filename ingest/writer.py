@@ -3,7 +3,9 @@ dead letters. Nothing is acknowledged to the broker before this commits."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import asyncpg
 import orjson
@@ -19,6 +21,17 @@ DEAD_LETTER_COLUMNS = ("received_at", "topic", "device_id", "reason", "detail", 
 _READING_FIELDS = (*NUMERIC_FIELDS, *BOOLEAN_FIELDS)
 
 
+class RulesHook(Protocol):
+    """What ingest needs of the rules engine: evaluate the fresh readings inside the
+    batch's transaction, and learn when that transaction committed."""
+
+    lock: asyncio.Lock
+
+    async def in_transaction(self, conn: asyncpg.Connection, readings: list[Reading]) -> Any: ...
+
+    def committed(self, evaluation: Any) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class WriteResult:
     stored: list[Reading]
@@ -26,6 +39,7 @@ class WriteResult:
     event_rows: int
     dead_letter_rows: int
     duplicates: int
+    evaluation: Any = None
 
 
 def _json(value: object) -> str | None:
@@ -82,7 +96,10 @@ async def claim_new(
 
 
 async def write_batch(
-    conn: asyncpg.Connection, decoded: Decoded, dedup_window_s: float
+    conn: asyncpg.Connection,
+    decoded: Decoded,
+    dedup_window_s: float,
+    rules: RulesHook | None = None,
 ) -> WriteResult:
     async with conn.transaction():
         fresh, duplicates = await claim_new(conn, decoded.readings, dedup_window_s)
@@ -102,4 +119,5 @@ async def write_batch(
             await conn.copy_records_to_table(
                 "dead_letters", records=dead, columns=DEAD_LETTER_COLUMNS
             )
-    return WriteResult(fresh, len(telemetry), len(events), len(dead), duplicates)
+        evaluation = await rules.in_transaction(conn, fresh) if rules and fresh else None
+    return WriteResult(fresh, len(telemetry), len(events), len(dead), duplicates, evaluation)

@@ -489,10 +489,10 @@ class Engine:
         if device is not None:
             rule = next((r for r in self.rules_for(device) if r.id == rule_id), rule)
         pending_due = state.get("pending_since_due")
-        if pending_due is not None and pending_due <= t and device is not None:
-            if not self.muted(device, now):
-                details = state.get("pending_details", {})
-                self._fire(evaluation, state, rule, device, now, None, details)
+        due_now = pending_due is not None and pending_due <= t
+        if due_now and device is not None and not self.muted(device, now):
+            details = state.get("pending_details", {})
+            self._fire(evaluation, state, rule, device, now, None, details)
         if state.get("clear_pending_due") is not None and state["clear_pending_due"] <= t:
             state["clear_pending_due"] = t
             if device is not None:

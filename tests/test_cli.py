@@ -259,6 +259,12 @@ async def test_tokens_authorize_against_a_running_service(
     assert unknown.returncode != 0
     assert "w-nobody" in unknown.stderr
     assert "Traceback" not in unknown.stderr
+    stray = await gridwarden(
+        "token", "create", "--role", "operator", "--worker", worker_id, env=env
+    )
+    assert stray.returncode != 0
+    assert "--worker" in stray.stderr
+    assert not (no_worker.stdout + unknown.stdout + stray.stdout).strip()  # no token printed
     assert await count(database_url, "api_tokens") == 2
 
     service = service_env(database_url, mqtt_url, topic_prefix, tmp_path)

@@ -1,0 +1,151 @@
+"""The rules engine inside the service: state loaded at start, evaluation inside
+the ingest transaction, timers (durations, quiet periods, silences), maintenance
+windows and the cell hierarchy kept fresh."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+import orjson
+
+from gridwarden.clock import Clock, SystemClock
+from gridwarden.config import Settings
+from gridwarden.db import query
+from gridwarden.readings import DeviceInfo, Reading
+from gridwarden.registry import CellLocator
+from rules.engine import Engine, Evaluation
+from rules.spec import RuleSet, load_rules
+from rules.store import apply_evaluation
+
+log = logging.getLogger(__name__)
+
+REFRESH_S = 5.0
+
+
+@dataclass(frozen=True)
+class MaintenanceWindow:
+    device_id: str | None
+    cell_id: str | None
+    starts_at: datetime
+    ends_at: datetime
+
+
+class RulesService:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        lookup_device: Callable[[str], DeviceInfo | None],
+        *,
+        devices: Callable[[], list[str]] = list,
+        clock: Clock | None = None,
+        ruleset: RuleSet | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.clock = clock or SystemClock()
+        self.ruleset = ruleset or load_rules([settings.rules_dir] if settings.rules_dir else [])
+        self.engine = Engine(self.ruleset, lookup_device, self.cells_of, self.muted)
+        self.devices = devices
+        # One writer of engine state at a time: the ingest batch (evaluate → commit)
+        # and the timers must not interleave on the same keys.
+        self.lock = asyncio.Lock()
+        self._locator: CellLocator | None = None
+        self._windows: list[MaintenanceWindow] = []
+
+    # -- cells and maintenance --------------------------------------------------------
+    def cells_of(self, cell_id: str | None) -> tuple[str, ...]:
+        if cell_id is None:
+            return ()
+        if self._locator is None or self._locator.get(cell_id) is None:
+            return (cell_id,)
+        return tuple(self._locator.ancestors(cell_id))
+
+    def muted(self, device: DeviceInfo, at: datetime) -> bool:
+        if not self._windows:
+            return False
+        cells = set(self.cells_of(device.cell_id))
+        return any(
+            w.starts_at <= at < w.ends_at and (w.device_id == device.id or w.cell_id in cells)
+            for w in self._windows
+        )
+
+    async def refresh(self, conn: asyncpg.Connection | asyncpg.Pool) -> None:
+        rows = await conn.fetch(query("active_maintenance"))
+        self._windows = [MaintenanceWindow(**dict(row)) for row in rows]
+        if isinstance(conn, asyncpg.Pool):
+            async with conn.acquire() as one:
+                self._locator = await CellLocator.from_db(one)
+        else:
+            self._locator = await CellLocator.from_db(conn)
+        self.engine.forget_device_rules()
+        now = self.clock.now().timestamp()
+        for device_id in self.devices():
+            if device_id not in self.engine.heard:
+                self.engine.expect(device_id, now)
+
+    # -- start -----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load durable state: rule state, and when each device was last heard."""
+        async with self.pool.acquire() as conn:
+            await self.refresh(conn)
+            states = [
+                (row["source"], row["rule"], orjson.loads(row["state"]))
+                for row in await conn.fetch(query("load_rule_states"))
+            ]
+            now = self.clock.now().timestamp()
+            heard = {
+                row["id"]: row["last_seen"].timestamp() if row["last_seen"] else now
+                for row in await conn.fetch(query("load_last_heard"))
+            }
+        self.engine.load(states, heard)
+        log.info("rules: %d rules, %d states restored", len(self.ruleset.rules), len(states))
+
+    # -- the ingest hook (called inside the batch transaction) ------------------------
+    async def in_transaction(self, conn: asyncpg.Connection, readings: list[Reading]) -> Evaluation:
+        evaluation = self.engine.evaluate(readings)
+        if not evaluation.empty:
+            await apply_evaluation(conn, evaluation, self.settings.topic_prefix)
+        return evaluation
+
+    def committed(self, evaluation: Evaluation) -> None:
+        self.engine.commit(evaluation)
+
+    # -- tasks -----------------------------------------------------------------------
+    async def tick_once(self) -> Evaluation:
+        async with self.lock:
+            evaluation = self.engine.tick(self.clock.now())
+            if not evaluation.empty:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    await apply_evaluation(conn, evaluation, self.settings.topic_prefix)
+                self.engine.commit(evaluation)
+            return evaluation
+
+    async def run_timers(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.tick_once()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("rule timers: database unavailable (%s); retrying", exc)
+            try:
+                async with asyncio.timeout(self.settings.rules_tick_s):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+
+    async def run_refresh(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(REFRESH_S):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+            try:
+                await self.refresh(self.pool)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("rules refresh failed, will retry: %s", exc)

@@ -1,0 +1,71 @@
+"""Writes an engine Evaluation: rule state and alarm changes, in the caller's
+transaction, each change announced (live feed, outbox) on commit."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import asyncpg
+import orjson
+
+from alerting.alarm_json import Change, announce_alarm
+from gridwarden.db import query
+from rules.engine import AlarmOp, Evaluation, due_at
+
+
+def _change(row: asyncpg.Record) -> Change:
+    if row["inserted"] or row["previous_state"] == "cleared":
+        return "raised"
+    if row["previous_severity"] is not None and row["previous_severity"] != row["severity"]:
+        return "severity"
+    return "repeated"
+
+
+async def apply_op(conn: asyncpg.Connection, op: AlarmOp, topic_prefix: str) -> int | None:
+    """One alarm operation; returns the alarm id changed, if any."""
+    details = orjson.dumps(op.details).decode()
+    if op.action == "raise":
+        row = await conn.fetchrow(
+            query("raise_alarm"),
+            op.source, op.device_id, op.kind, op.rule, op.severity, op.cell_id, op.building,
+            op.at, op.count, details,
+        )  # fmt: skip
+        assert row is not None
+        await announce_alarm(conn, row, _change(row), topic_prefix)
+        return int(row["id"])
+    row = await conn.fetchrow(query("clear_alarm"), op.source, op.rule, op.at, details)
+    if row is None:
+        return None  # nothing open (closed by an operator meanwhile): nothing to clear
+    await announce_alarm(conn, row, "cleared", topic_prefix)
+    return int(row["id"])
+
+
+async def apply_evaluation(
+    conn: asyncpg.Connection, evaluation: Evaluation, topic_prefix: str
+) -> list[int]:
+    """Persist state and apply alarm ops; call inside a transaction."""
+    save = [(key, state) for key, state in evaluation.states.items() if state is not None]
+    drop = [key for key, state in evaluation.states.items() if state is None]
+    if save:
+        await conn.execute(
+            query("save_rule_states"),
+            [key[0] for key, _ in save],
+            [key[1] for key, _ in save],
+            [orjson.dumps(state).decode() for _, state in save],
+            [_due(state) for _, state in save],
+        )
+    if drop:
+        await conn.execute(
+            query("delete_rule_states"), [key[0] for key in drop], [key[1] for key in drop]
+        )
+    changed = []
+    for op in evaluation.ops:
+        alarm_id = await apply_op(conn, op, topic_prefix)
+        if alarm_id is not None:
+            changed.append(alarm_id)
+    return changed
+
+
+def _due(state: dict[str, object]) -> datetime | None:
+    due = due_at(state)
+    return datetime.fromtimestamp(due, UTC) if due is not None else None
