@@ -1,0 +1,210 @@
+"""Rules against the real pipeline: MQTT → ingest → rules → alarms in PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+
+from gridwarden.config import Settings
+from gridwarden.db import create_pool
+from ingest.consumer import IngestService
+from rules.engine import AlarmOp
+from rules.runtime import RulesService
+from rules.store import apply_op
+from tests.ingest_helpers import WAIT_S, fetch, publish, publisher, settings_for, wait_for
+
+SQUARE = (
+    '{"type": "Polygon", "coordinates": [[[120, 29], [121, 29], [121, 30], [120, 30], [120, 29]]]}'
+)
+
+
+async def register(database_url: str, devices: list[tuple[str, str, int, str | None]]) -> None:
+    """A one-cell grid and devices (id, kind, interval_s, building) in it."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO cells (id, name, level, geometry, min_lon, min_lat, max_lon, max_lat) "
+            "VALUES ('g1', '第1网格', 'street', $1::jsonb, 120, 29, 121, 30) "
+            "ON CONFLICT DO NOTHING",
+            SQUARE,
+        )
+        await conn.executemany(
+            "INSERT INTO devices (id, kind, lat, lon, cell_id, interval_s, building) "
+            "VALUES ($1, $2, 29.5, 120.5, 'g1', $3, $4)",
+            devices,
+        )
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def running_pipeline(settings: Settings) -> AsyncIterator[RulesService]:
+    """Ingest and rules as `gridwarden up` wires them, without the HTTP server."""
+    assert settings.database_url
+    assert settings.mqtt_url
+    pool = await create_pool(settings.database_url)
+    ingest = IngestService(settings, pool, settings.mqtt_url)
+    await ingest.directory.refresh(pool)
+    rules = RulesService(settings, pool, ingest.directory.lookup, devices=ingest.directory.ids)
+    await rules.start()
+    ingest.rules = rules
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(ingest.run(stop)),
+        asyncio.create_task(ingest.maintain(stop)),
+        asyncio.create_task(rules.run_timers(stop)),
+    ]
+    try:
+        assert await asyncio.to_thread(ingest.source.subscribed.wait, WAIT_S)
+        yield rules
+    finally:
+        stop.set()
+        async with asyncio.timeout(WAIT_S):
+            await asyncio.gather(*tasks)
+        await pool.close()
+
+
+async def alarms(database_url: str) -> list[asyncpg.Record]:
+    return await fetch(database_url, "SELECT * FROM alarms ORDER BY id")
+
+
+async def test_a_published_reading_raises_an_alarm_in_the_right_cell(
+    database_url, mqtt_url, topic_prefix
+):
+    await register(database_url, [("bin-7", "smart_bin", 900, None)])
+    settings = settings_for(database_url, mqtt_url, topic_prefix)
+    async with running_pipeline(settings), publisher(mqtt_url) as client:
+        topic = f"{topic_prefix}/dev/bin-7/telemetry"
+        await publish(client, topic, {"seq": 1, "fill": 50})  # below 80 %: nothing
+        await publish(client, topic, {"seq": 2, "fill": 85})  # full: minor
+        await publish(client, topic, {"seq": 3, "fill": 97})  # fuller: severity rises
+        rows = await wait_for(lambda: alarms(database_url), lambda r: r and r[0]["count"] == 2)
+        await publish(client, topic, {"seq": 4, "fill": 10})  # emptied: cleared
+        rows = await wait_for(
+            lambda: alarms(database_url), lambda r: r and r[0]["state"] == "cleared"
+        )
+    (alarm,) = rows
+    assert (alarm["rule"], alarm["cell_id"], alarm["device_id"]) == ("bin.full", "g1", "bin-7")
+    assert (alarm["severity"], alarm["count"]) == ("major", 2)
+    assert alarm["cleared_at"] is not None
+
+
+async def test_100_concurrent_duplicates_make_one_alarm_with_count_100(database_url):
+    await register(database_url, [("door-9", "door_access", 300, None)])
+    pool = await create_pool(database_url, min_size=10, max_size=20)
+    at = datetime.now(UTC)
+    op = AlarmOp("raise", "door-9", "door.forced", "door-9", "door_access", "major", "g1",
+                 None, at)  # fmt: skip
+
+    async def one_transaction() -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            await apply_op(conn, op, "gw")
+
+    try:
+        await asyncio.gather(*(one_transaction() for _ in range(100)))
+    finally:
+        await pool.close()
+    rows = await alarms(database_url)
+    assert [(r["rule"], r["count"], r["state"]) for r in rows] == [("door.forced", 100, "active")]
+    raised = await fetch(
+        database_url, "SELECT count(*) AS n FROM outbox WHERE payload->>'change' = 'raised'"
+    )
+    assert raised[0]["n"] == 1  # announced once, not 100 times
+
+
+async def test_a_silent_device_is_alarmed_on_time_without_any_further_message(
+    database_url, mqtt_url, topic_prefix
+):
+    # interval 2 s × 3 intervals: alarmed 6 s after its last message, by a timer.
+    await register(database_url, [("smoke-quiet", "smoke_detector", 2, None)])
+    settings = settings_for(database_url, mqtt_url, topic_prefix)
+    async with running_pipeline(settings), publisher(mqtt_url) as client:
+        await publish(client, f"{topic_prefix}/dev/smoke-quiet/telemetry", {"seq": 1, "smoke": 0})
+        last = await wait_for(
+            lambda: fetch(database_url, "SELECT received_at FROM telemetry"), lambda r: r
+        )
+        rows = await wait_for(
+            lambda: alarms(database_url), lambda r: any(a["rule"] == "smoke.offline" for a in r)
+        )
+    (offline,) = [a for a in rows if a["rule"] == "smoke.offline"]
+    late_s = (offline["first_seen"] - last[0]["received_at"]).total_seconds()
+    assert 6.0 <= late_s <= 6.6  # within 10 % of the deadline
+
+
+async def test_a_restart_in_the_middle_of_a_duration_window_still_fires_on_time(
+    database_url, mqtt_url, topic_prefix, tmp_path: Path
+):
+    # smoke above 10 %/m must hold 4 s; the service restarts 1.5 s into the window.
+    (tmp_path / "fast.toml").write_text(
+        '[[overrides]]\nrule = "smoke.obscuration_high"\ndevices = ["smoke-5"]\n'
+        "set = { for_s = 4 }\n"
+    )
+    await register(database_url, [("smoke-5", "smoke_detector", 300, None)])
+    settings = settings_for(database_url, mqtt_url, topic_prefix, rules_dir=tmp_path)
+    async with running_pipeline(settings), publisher(mqtt_url) as client:
+        await publish(client, f"{topic_prefix}/dev/smoke-5/telemetry", {"seq": 1, "smoke": 14})
+        first = await wait_for(
+            lambda: fetch(database_url, "SELECT time FROM telemetry"), lambda r: r
+        )
+        await asyncio.sleep(1.0)
+    assert await alarms(database_url) == []  # stopped before the deadline
+    await asyncio.sleep(0.5)
+    async with running_pipeline(settings):
+        rows = await wait_for(lambda: alarms(database_url), lambda r: r)
+    (alarm,) = rows
+    fired_after = alarm["first_seen"] - first[0]["time"]
+    assert timedelta(seconds=4) <= fired_after <= timedelta(seconds=4.5)
+    assert alarm["rule"] == "smoke.obscuration_high"
+
+
+async def test_two_detectors_of_one_building_make_one_confirmed_fire(
+    database_url, mqtt_url, topic_prefix
+):
+    await register(database_url, [
+        ("smoke-a", "smoke_detector", 300, "3号楼"),
+        ("smoke-b", "smoke_detector", 300, "3号楼"),
+        ("smoke-c", "smoke_detector", 300, "3号楼"),
+    ])  # fmt: skip
+    settings = settings_for(database_url, mqtt_url, topic_prefix)
+    async with running_pipeline(settings), publisher(mqtt_url) as client:
+        for seq, device in enumerate(["smoke-a", "smoke-b", "smoke-c"]):
+            await publish(client, f"{topic_prefix}/dev/{device}/event",
+                          {"seq": seq, "event": "alarm"})  # fmt: skip
+        rows = await wait_for(
+            lambda: alarms(database_url),
+            lambda r: (
+                sum(a["rule"] == "smoke.alarm" for a in r) == 3
+                and any(a["rule"] == "smoke.fire_confirmed" and a["count"] == 2 for a in r)
+            ),
+        )
+    confirmed = [a for a in rows if a["rule"] == "smoke.fire_confirmed"]
+    assert len(confirmed) == 1  # one incident, not one per detector
+    assert confirmed[0]["source"] == "building:g1/3号楼"
+    assert confirmed[0]["severity"] == "critical"
+
+
+async def test_a_detector_in_self_test_and_a_muted_cell_raise_nothing(
+    database_url, mqtt_url, topic_prefix
+):
+    await register(database_url, [("smoke-t", "smoke_detector", 300, None),
+                                  ("bin-m", "smart_bin", 900, None)])  # fmt: skip
+    await fetch(
+        database_url,
+        "INSERT INTO maintenance_windows (cell_id, starts_at, ends_at, reason) "
+        "VALUES ('g1', now() - interval '1 minute', now() + interval '1 hour', 'cleaning')",
+    )
+    settings = settings_for(database_url, mqtt_url, topic_prefix)
+    async with running_pipeline(settings), publisher(mqtt_url) as client:
+        await publish(client, f"{topic_prefix}/dev/smoke-t/telemetry",
+                      {"seq": 1, "alarm": True, "test": True})  # fmt: skip
+        await publish(client, f"{topic_prefix}/dev/bin-m/telemetry", {"seq": 1, "fill": 99})
+        await wait_for(
+            lambda: fetch(database_url, "SELECT 1 FROM telemetry"), lambda r: len(r) == 2
+        )
+        await asyncio.sleep(0.5)
+    assert await alarms(database_url) == []
