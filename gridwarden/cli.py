@@ -109,7 +109,13 @@ def demo(speedup: float, **kwargs: Any) -> None:
 
 def _serve(settings: Settings, *, demo: bool, speedup: float = 30.0) -> None:
     from gridwarden.service import run_service
+    from rules.spec import RulesError, load_rules
 
+    try:
+        ruleset = load_rules([settings.rules_dir] if settings.rules_dir else [])
+    except RulesError as exc:
+        click.echo(f"gridwarden: {exc}", err=True)
+        sys.exit(EXIT_BAD_CONFIG)
     try:
         with _services(settings) as (database_url, mqtt_url):
             extra: dict[str, Any] = {}
@@ -118,7 +124,12 @@ def _serve(settings: Settings, *, demo: bool, speedup: float = 30.0) -> None:
                 from gridwarden.demo import prepare_demo
 
                 extra, ready = _run(prepare_demo(settings, database_url, mqtt_url, speedup))
-            _run(run_service(settings, database_url, mqtt_url, extra_tasks=extra, on_ready=ready))
+            _run(
+                run_service(
+                    settings, database_url, mqtt_url,
+                    ruleset=ruleset, extra_tasks=extra, on_ready=ready,
+                )
+            )  # fmt: skip
     except TaskDied as exc:
         click.echo(f"gridwarden: {exc}", err=True)
         sys.exit(EXIT_FAILED)

@@ -7,6 +7,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from contextlib import closing, nullcontext
+from typing import TYPE_CHECKING
 
 import asyncpg
 import uvicorn
@@ -18,6 +19,9 @@ from gridwarden.migrate import migrate
 from gridwarden.mqtt_url import parse_mqtt_url
 from gridwarden.supervisor import Supervisor, TaskFn
 from gridwarden.web import AppState, create_app
+
+if TYPE_CHECKING:
+    from rules.spec import RuleSet
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,7 @@ async def run_service(
     database_url: str,
     mqtt_url: str,
     *,
+    ruleset: RuleSet | None = None,
     extra_tasks: dict[str, Callable[[asyncpg.Pool], TaskFn]] | None = None,
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
@@ -105,8 +110,9 @@ async def run_service(
             ingest = IngestService(settings, pool, mqtt_url)
             await ingest.directory.refresh(pool)
             rules = RulesService(
-                settings, pool, ingest.directory.lookup, devices=ingest.directory.ids
-            )
+                settings, pool, ingest.directory.lookup, devices=ingest.directory.ids,
+                ruleset=ruleset,
+            )  # fmt: skip
             await rules.start()
             ingest.rules = rules
             state = AppState(

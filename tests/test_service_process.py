@@ -142,3 +142,18 @@ def test_bad_configuration_exits_2_naming_the_key(tmp_path):
     assert result.returncode == 2
     assert "GRIDWARDEN_HTTP_PORT" in result.stderr
     assert "eighty" in result.stderr
+
+
+def test_invalid_rule_files_exit_2_naming_file_rule_and_key(tmp_path):
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "city.toml").write_text(
+        'kind = "smart_bin"\n[[rules]]\nid = "bin.overfull"\nseverity = "urgent"\n'
+        'when = { field = "fill", above = 90 }\n'
+    )
+    env = dict(os.environ, GRIDWARDEN_RULES_DIR=str(rules_dir), GRIDWARDEN_DATA_DIR=str(tmp_path))
+    result = subprocess.run(
+        [*GRIDWARDEN, "up"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2
+    assert "city.toml: rule bin.overfull, key severity" in result.stderr
