@@ -79,7 +79,7 @@ ORDER BY updated_at, id;
 -- name: outbox_claim
 -- The next unpublished rows in id order, locked until the transaction ends; rows another
 -- publisher holds are skipped, as are the ones in $2 (waiting for a retry).
-SELECT id, topic, payload::text AS payload
+SELECT id, topic, payload::text AS payload, attempts
 FROM outbox
 WHERE published_at IS NULL AND NOT (id = ANY($2::bigint[]))
 ORDER BY id
