@@ -201,11 +201,11 @@ class _Subscriber:
         self._events.clear()
         self._ready.set()
 
-    async def take(self, timeout: float) -> list[bytes] | None:
-        """The events queued so far ([] after `timeout` without any); None once closed."""
+    async def take(self, wait_s: float) -> list[bytes] | None:
+        """The events queued so far ([] after `wait_s` without any); None once closed."""
         if not self._events and not self.closed:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(wait_s):
                     await self._ready.wait()
         self._ready.clear()
         if self.closed:
@@ -219,9 +219,7 @@ def sse_event(row: Any) -> tuple[dict[str, Any], bytes]:
     """An alarm row (with `updated_at`) → its JSON and its `event: alarm` block."""
     alarm = alarm_json(row)
     event_id = iso(row["updated_at"]) or ""
-    return alarm, (
-        f"id: {event_id}\nevent: alarm\ndata: ".encode() + orjson.dumps(alarm) + b"\n\n"
-    )
+    return alarm, (f"id: {event_id}\nevent: alarm\ndata: ".encode() + orjson.dumps(alarm) + b"\n\n")
 
 
 class FeedClosed(Exception):
@@ -376,7 +374,8 @@ async def stream(
         replay_from = resumed - REPLAY_MARGIN
     cells = None
     if cell is not None:
-        cells = frozenset([cell, *(r["id"] for r in await state.pool.fetch(query("cell_scope"), cell))])
+        below = await state.pool.fetch(query("cell_scope"), cell)
+        cells = frozenset([cell, *(r["id"] for r in below)])
     wanted = StreamFilter(frozenset(severities) if severities else None, cells)
     feed = wiring.feed
     try:
@@ -389,8 +388,8 @@ async def stream(
         try:
             yield b": connected\n\n"
             if replay_from is not None:
-                rows = await state.pool.fetch(query("alarms_changed_since"), replay_from, REPLAY_MAX)
-                for row in rows:
+                replay = query("alarms_changed_since")
+                for row in await state.pool.fetch(replay, replay_from, REPLAY_MAX):
                     alarm, event = sse_event(row)
                     if wanted.wants(alarm):
                         yield event

@@ -235,7 +235,7 @@ class OutboxPublisher:
 
     async def _publish(self, row: Any) -> None:
         client = await self._connect()
-        properties = Properties(PacketTypes.PUBLISH)
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         properties.UserProperty = [(OUTBOX_ID_PROPERTY, str(row["id"]))]
         properties.ContentType = "application/json"
         properties.PayloadFormatIndicator = 1

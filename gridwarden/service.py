@@ -95,6 +95,9 @@ async def run_service(
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT (clean return) or a task failure (TaskDied)."""
+    from alerting.alarms_api import AlarmFeed, attach_alarms
+    from alerting.alarms_api import router as alarms_router
+    from alerting.outbox import outbox_task
     from ingest.api import router as ingest_router
     from ingest.consumer import IngestService
     from rules.runtime import RulesService
@@ -122,13 +125,17 @@ async def run_service(
                     "broker": broker_check(ingest.source.is_connected),
                 },
             )
-            app = create_app(state, routers=[ingest_router])
+            app = create_app(state, routers=[ingest_router, alarms_router])
+            feed = AlarmFeed(pool)
+            attach_alarms(app, feed=feed, topic_prefix=settings.topic_prefix)
             supervisor = Supervisor()
             supervisor.install_signal_handlers()
             supervisor.add("ingest", ingest.run)
             supervisor.add("ingest-maintenance", ingest.maintain)
             supervisor.add("rules-timers", rules.run_timers)
             supervisor.add("rules-refresh", rules.run_refresh)
+            supervisor.add("alarm-feed", feed.run)
+            supervisor.add("outbox", outbox_task(pool, mqtt_url))
             supervisor.add("http", http_task(app, sock))
             for name, make in (extra_tasks or {}).items():
                 supervisor.add(name, make(pool))

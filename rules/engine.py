@@ -48,6 +48,8 @@ FLAP_COUNT = 3
 FLAP_WINDOW_S = 600.0
 FLAP_HOLD_S = 300.0
 MAX_RATE_SAMPLES = 64
+MUTED_RECHECK_S = 60.0  # a silence that falls in maintenance is looked at again
+_PENDING = ("pending_since", "pending_since_due", "pending_details", "pending_severity")
 
 Key = tuple[str, str]  # (source, rule id)
 State = dict[str, Any]
@@ -114,8 +116,12 @@ def _dt(value: float) -> datetime:
     return datetime.fromtimestamp(value, UTC)
 
 
-def matches(condition: Condition, reading: Reading) -> bool | None:
-    """True / False, or None when the reading says nothing about it."""
+def matches(condition: Condition, reading: Reading, *, for_clear: bool = False) -> bool | None:
+    """True / False, or None when the reading says nothing about it.
+
+    `for_clear`: deciding whether a firing condition stopped holding. An event is
+    then False on a telemetry reading, so `alarm = false` clears a rule that fires on
+    `alarm = true` OR the `alarm` event."""
     if isinstance(condition, FieldCondition):
         value = reading.values.get(condition.field)
         if value is None:
@@ -133,9 +139,9 @@ def matches(condition: Condition, reading: Reading) -> bool | None:
         return bool(value <= condition.at_most)
     if isinstance(condition, EventCondition):
         if reading.channel != "event":
-            return None
+            return False if for_clear else None
         return reading.event in condition.event
-    results = [matches(c, reading) for c in condition.any_of]
+    results = [matches(c, reading, for_clear=for_clear) for c in condition.any_of]
     if any(r is True for r in results):
         return True
     if all(r is False for r in results):
@@ -335,7 +341,8 @@ class Engine:
         if rule.clear is not None:
             clears = matches(rule.clear, reading)
         else:
-            clears = None if holds is None else not holds
+            still = matches(rule.when, reading, for_clear=True)  # type: ignore[arg-type]
+            clears = None if still is None else not still
         details = self._reading_details(rule, reading)
         if not state.get("firing"):
             if holds is True:
@@ -346,15 +353,17 @@ class Engine:
                     state["pending_since"] = since
                     state["pending_since_due"] = since + rule.for_s
                     state["pending_details"] = details
+                    state["pending_severity"] = self._severity(rule, reading)
             elif holds is False:
-                state.pop("pending_since", None)
-                state.pop("pending_since_due", None)
-                state.pop("pending_details", None)
+                for name in _PENDING:
+                    state.pop(name, None)
         elif clears is True:
             self._clear(evaluation, state, rule, device, at, details)
         elif holds is True:
             state.pop("clear_pending_since", None)
             state.pop("clear_pending_due", None)
+            if rule.clear_after_s:
+                state["clear_due"] = t + rule.clear_after_s
             evaluation.add(self._op("raise", rule, device, at, self._severity(rule, reading),
                                     details))  # fmt: skip
         self._put(evaluation, key, state)
@@ -370,15 +379,18 @@ class Engine:
         details: dict[str, Any],
     ) -> None:
         t = _ts(at)
-        for name in ("pending_since", "pending_since_due", "pending_details"):
+        severity = self._severity(rule, reading) if reading else state.get("pending_severity")
+        for name in _PENDING:
             state.pop(name, None)
         state["firing"] = True
+        if rule.clear_after_s:
+            state["clear_due"] = t + rule.clear_after_s
         clears = [c for c in state.get("clears", []) if c >= t - FLAP_WINDOW_S]
         state["clears"] = clears
         if len(clears) >= FLAP_COUNT:
             state["flapping"] = True
             details = {**details, "flapping": True}
-        evaluation.add(self._op("raise", rule, device, at, self._severity(rule, reading), details))
+        evaluation.add(self._op("raise", rule, device, at, severity, details))
 
     def _clear(
         self,
@@ -396,7 +408,7 @@ class Engine:
             return
         if state.get("flapping") and t < state["clear_pending_due"]:
             return
-        for name in ("firing", "flapping", "clear_pending_since", "clear_pending_due"):
+        for name in ("firing", "flapping", "clear_pending_since", "clear_pending_due", "clear_due"):
             state.pop(name, None)
         state["clears"] = [c for c in state.get("clears", []) if c >= t - FLAP_WINDOW_S] + [t]
         evaluation.add(self._op("clear", rule, device, at, details=details))
@@ -432,8 +444,10 @@ class Engine:
                            if s >= t - rule.when.within_s}  # fmt: skip
                 members[device.id] = t
                 state["devices"] = members
-                state["clear_due"] = max(members.values()) + rule.when.within_s
                 if len(members) >= rule.when.min_devices:
+                    state["firing"] = True
+                    if rule.clear_after_s:
+                        state["clear_due"] = t + rule.clear_after_s
                     evaluation.add(self._op(
                         "raise", rule, device, op.at,
                         details={"devices": sorted(members), "group": group}, source=group,
@@ -455,7 +469,7 @@ class Engine:
         t = _ts(now)
         while self._timer_heap and self._timer_heap[0][0] <= t:
             _, key = heapq.heappop(self._timer_heap)
-            state = self.states.get(key)
+            state = evaluation.states[key] if key in evaluation.states else self.states.get(key)
             due = due_at(state)
             if state is None or due is None or due > t:
                 continue  # stale entry: the state moved on
@@ -466,7 +480,11 @@ class Engine:
                 continue  # heard again since
             device = self.lookup_device(device_id)
             rule = self._absence_rule(device) if device else None
-            if device is None or rule is None or self.muted(device, now):
+            if device is None or rule is None:
+                continue
+            if self.muted(device, now):
+                retry = t + MUTED_RECHECK_S
+                heapq.heappush(self._absence_heap, (retry, device_id, heard_at))
                 continue
             key = (device.id, rule.id)
             state = self._get(evaluation, key)
@@ -498,13 +516,12 @@ class Engine:
             if device is not None:
                 self._clear(evaluation, state, rule, device, now, {"flap_hold_s": FLAP_HOLD_S})
         if state.get("clear_due") is not None and state["clear_due"] <= t:
-            state.pop("clear_due")
-            state.pop("samples", None)
-            state.pop("hits", None)
-            state.pop("devices", None)
-            if device is not None:
+            firing = state.pop("firing", None) or rule.momentary
+            for name in ("clear_due", "samples", "hits", "devices", "flapping"):
+                state.pop(name, None)
+            if device is not None and firing:
                 evaluation.add(self._op("clear", rule, device, now, details={"quiet": True}))
-            elif source.startswith(("building:", "cell:")):
+            elif source.startswith(("building:", "cell:")) and firing:
                 evaluation.add(AlarmOp("clear", source, rule.id, "", rule.kind, rule.severity,
                                        None, None, now))  # fmt: skip
         self._put(evaluation, key, state)

@@ -34,12 +34,23 @@ set = { severity = "major", enabled = false, for_s = 30, when = {…}, clear = {
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+
+log = logging.getLogger(__name__)
 
 Severity = Literal["critical", "major", "minor", "warning"]
 SEVERITY_RANK: dict[str, int] = {"warning": 1, "minor": 2, "major": 3, "critical": 4}
@@ -103,10 +114,43 @@ class Correlation(BaseModel):
     by: Literal["building", "cell"] = "building"
 
 
-Condition = FieldCondition | EventCondition | AnyOf
-Trigger = (
-    FieldCondition | EventCondition | AnyOf | RateOfRise | CountInWindow | Absence | Correlation
-)
+# Each condition kind is told by its key, so one mistake gives one problem about
+# that kind, not one per kind the union could have been.
+_TAG_KEYS = {
+    "field": "field", "event": "event", "any_of": "any_of", "rate_of_rise": "rate_of_rise",
+    "count": "count", "absent_for_intervals": "absence", "correlate": "correlation",
+}  # fmt: skip
+CONDITION_TAGS = frozenset(_TAG_KEYS.values())
+
+
+def _condition_tag(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return next((tag for key, tag in _TAG_KEYS.items() if key in value), None)
+    return _MODEL_TAGS.get(type(value))
+
+
+_UNKNOWN = "a condition needs one of the keys " + ", ".join(_TAG_KEYS)
+Condition = Annotated[
+    Annotated[FieldCondition, Tag("field")]
+    | Annotated[EventCondition, Tag("event")]
+    | Annotated[AnyOf, Tag("any_of")],
+    Discriminator(_condition_tag, custom_error_type="condition", custom_error_message=_UNKNOWN),
+]
+Trigger = Annotated[
+    Annotated[FieldCondition, Tag("field")]
+    | Annotated[EventCondition, Tag("event")]
+    | Annotated[AnyOf, Tag("any_of")]
+    | Annotated[RateOfRise, Tag("rate_of_rise")]
+    | Annotated[CountInWindow, Tag("count")]
+    | Annotated[Absence, Tag("absence")]
+    | Annotated[Correlation, Tag("correlation")],
+    Discriminator(_condition_tag, custom_error_type="condition", custom_error_message=_UNKNOWN),
+]
+_MODEL_TAGS: dict[type, str] = {
+    FieldCondition: "field", EventCondition: "event", AnyOf: "any_of",
+    RateOfRise: "rate_of_rise", CountInWindow: "count", Absence: "absence",
+    Correlation: "correlation",
+}  # fmt: skip
 AnyOf.model_rebuild()
 
 
@@ -215,13 +259,50 @@ class RuleSet:
         key = (rule.id, device_id, cells)
         cached = self._resolved.get(key)
         if cached is None:
-            data = rule.model_dump(by_alias=True)
-            # Cell overrides first, the device's own last: the most specific wins.
-            for override in sorted(matching, key=lambda o: device_id in o.devices):
-                data.update(override.set)
-            cached = Rule.model_validate(data)
+            cached = apply_overrides(rule, _most_specific_last(matching, device_id, cells))
             self._resolved[key] = cached
         return cached
+
+
+def _most_specific_last(
+    overrides: list[Override], device_id: str, cells: tuple[str, ...]
+) -> list[Override]:
+    """Widest cell first, nearest cell next, the device's own last: the last one wins.
+    `cells` runs from the device's cell up to the street."""
+
+    def specificity(override: Override) -> tuple[int, int]:
+        if device_id in override.devices:
+            return (1, 0)
+        depth = min(cells.index(c) for c in override.cells if c in cells)
+        return (0, -depth)
+
+    return sorted(overrides, key=specificity)
+
+
+def apply_overrides(rule: Rule, overrides: Iterable[Override]) -> Rule:
+    data = rule.model_dump(by_alias=True)
+    for override in overrides:
+        data.update(override.set)
+    try:
+        return Rule.model_validate(data)
+    except ValidationError:
+        # load_rules checks every override and their combination; this is a last guard.
+        log.exception("overrides of %s give an invalid rule; using the rule as written", rule.id)
+        return rule
+
+
+def _key(loc: list[Any]) -> str:
+    """The TOML key of an error location, without the condition-kind tags."""
+    parts: list[str] = []
+    for index, part in enumerate(loc):
+        before = loc[index - 1] if index else None
+        holder = before in ("when", "clear", "count") or (
+            isinstance(before, int) and index >= 2 and loc[index - 2] in ("unless", "any_of")
+        )
+        if part in CONDITION_TAGS and holder:
+            continue
+        parts.append(str(part))
+    return ".".join(parts)
 
 
 def _problems(path: Path, exc: ValidationError, data: dict[str, Any]) -> list[str]:
@@ -233,7 +314,7 @@ def _problems(path: Path, exc: ValidationError, data: dict[str, Any]) -> list[st
             items = data.get(str(loc[0]), [])
             item = items[loc[1]] if loc[1] < len(items) else {}
             name = item.get("id") or item.get("rule") if isinstance(item, dict) else None
-            key = ".".join(str(p) for p in loc[2:] if not str(p).endswith("Condition"))
+            key = _key(loc[2:])
             where = f"{loc[0][:-1]} {name or '#' + str(loc[1])}, key {key or '?'}"
         problems.append(f"{path.name}: {where}: {error['msg']}")
     return problems
@@ -244,7 +325,8 @@ def load_rules(extra_dirs: Iterable[Path] = ()) -> RuleSet:
     replaces the default). Raises RulesError listing every problem."""
     problems: list[str] = []
     rules: dict[str, Rule] = {}
-    overrides: list[Override] = []
+    overrides: list[tuple[str, Override]] = []
+    rule_file: dict[str, str] = {}
     files = sorted(DEFAULTS_DIR.glob("*.toml"))
     for folder in extra_dirs:
         files += sorted(Path(folder).glob("*.toml"))
@@ -267,22 +349,43 @@ def load_rules(extra_dirs: Iterable[Path] = ()) -> RuleSet:
             if rule.kind not in DEVICE_KINDS:
                 problems.append(f"{path.name}: rule {rule.id}: unknown kind {rule.kind!r}")
             rules[rule.id] = rule
-        overrides += parsed.overrides
+            rule_file[rule.id] = path.name
+        overrides += [(path.name, o) for o in parsed.overrides]
     for rule in rules.values():
         if isinstance(rule.when, Correlation) and rule.when.correlate not in rules:
-            problems.append(f"rule {rule.id}: correlates unknown rule {rule.when.correlate!r}")
-    for override in overrides:
+            problems.append(
+                f"{rule_file[rule.id]}: rule {rule.id}, key when.correlate: "
+                f"unknown rule {rule.when.correlate!r}"
+            )
+    by_rule: dict[str, list[tuple[str, Override]]] = {}
+    for file_name, override in overrides:
         if override.rule not in rules:
-            problems.append(f"override of unknown rule {override.rule!r}")
+            problems.append(
+                f"{file_name}: override of {override.rule}, key rule: unknown rule "
+                f"{override.rule!r}"
+            )
+        else:
+            by_rule.setdefault(override.rule, []).append((file_name, override))
+    # Each override must give a valid rule, and so must all of a rule's overrides
+    # together (cells first, devices last), since one device may match several.
+    for rule_id, items in by_rule.items():
+        candidates = [([o], f) for f, o in items]
+        if len(items) > 1:
+            ordered = sorted(items, key=lambda item: bool(item[1].devices))
+            candidates.append(([o for _, o in ordered], ", ".join(sorted({f for f, _ in items}))))
+        for chosen, file_name in candidates:
+            data = rules[rule_id].model_dump(by_alias=True)
+            for override in chosen:
+                data.update(override.set)
+            try:
+                Rule.model_validate(data)
+            except ValidationError as exc:
+                together = " (the overrides together)" if len(chosen) > 1 else ""
+                error = exc.errors(include_url=False)[0]
+                problems.append(
+                    f"{file_name}: override of {rule_id}{together}, key "
+                    f"{_key(list(error['loc'])) or '?'}: {error['msg']}"
+                )
     if problems:
         raise RulesError(problems)
-    ruleset = RuleSet(rules.values(), overrides)
-    for override in overrides:  # an override must still give a valid rule
-        base = rules[override.rule].model_dump(by_alias=True)
-        try:
-            Rule.model_validate({**base, **override.set})
-        except ValidationError as exc:
-            problems.append(f"override of {override.rule}: {exc.errors()[0]['msg']}")
-    if problems:
-        raise RulesError(problems)
-    return ruleset
+    return RuleSet(rules.values(), [o for _, o in overrides])
