@@ -36,7 +36,9 @@ async def apply_op(conn: asyncpg.Connection, op: AlarmOp, topic_prefix: str) -> 
     row = await conn.fetchrow(query("clear_alarm"), op.source, op.rule, op.at, details)
     if row is None:
         return None  # nothing open (closed by an operator meanwhile): nothing to clear
-    await announce_alarm(conn, row, "cleared", topic_prefix)
+    await announce_alarm(
+        conn, row, "closed" if row["state"] == "closed" else "cleared", topic_prefix
+    )
     return int(row["id"])
 
 

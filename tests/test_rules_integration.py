@@ -208,3 +208,26 @@ async def test_a_detector_in_self_test_and_a_muted_cell_raise_nothing(
         )
         await asyncio.sleep(0.5)
     assert await alarms(database_url) == []
+
+
+async def test_an_acknowledged_alarm_that_clears_is_closed(database_url):
+    await register(database_url, [("bin-8", "smart_bin", 900, None)])
+    at = datetime.now(UTC)
+    raise_op = AlarmOp("raise", "bin-8", "bin.full", "bin-8", "smart_bin", "minor", "g1",
+                       None, at)  # fmt: skip
+    clear_op = AlarmOp("clear", "bin-8", "bin.full", "bin-8", "smart_bin", "minor", "g1",
+                       None, at + timedelta(minutes=5))  # fmt: skip
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            await apply_op(conn, raise_op, "gw")
+        await conn.execute("UPDATE alarms SET state = 'acknowledged'")
+        async with conn.transaction():
+            await apply_op(conn, clear_op, "gw")
+        row = await conn.fetchrow("SELECT state, closed_at, cleared_at FROM alarms")
+        changes = await conn.fetch("SELECT payload->>'change' AS c FROM outbox ORDER BY id")
+    finally:
+        await conn.close()
+    assert row["state"] == "closed"
+    assert row["closed_at"] == row["cleared_at"] == clear_op.at
+    assert [c["c"] for c in changes] == ["raised", "closed"]

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
@@ -157,3 +158,47 @@ def test_invalid_rule_files_exit_2_naming_file_rule_and_key(tmp_path):
     )
     assert result.returncode == 2
     assert "city.toml: rule bin.overfull, key severity" in result.stderr
+
+
+async def test_an_alarm_reaches_the_api_and_its_cell_topic(
+    database_url, mqtt_url, topic_prefix, tmp_path
+):
+    import aiomqtt
+    import orjson
+
+    from gridwarden.auth import create_token
+    from gridwarden.mqtt_url import parse_mqtt_url
+    from tests.test_rules_integration import register
+
+    await register(database_url, [("smoke-9", "smoke_detector", 300, "5号楼")])
+    conn = await asyncpg.connect(database_url)
+    try:
+        token = await create_token(conn, "operator")
+    finally:
+        await conn.close()
+    headers = {"Authorization": f"Bearer {token}"}
+    env = service_env(database_url, mqtt_url, topic_prefix, tmp_path)
+    endpoint = parse_mqtt_url(mqtt_url)
+    async with (
+        service_process(env) as (_, url),
+        aiomqtt.Client(
+            endpoint.host, endpoint.port, identifier=f"console-{topic_prefix}"
+        ) as console,
+        publisher(mqtt_url) as device,
+        httpx.AsyncClient(base_url=url, headers=headers) as http,
+    ):
+        await console.subscribe(f"{topic_prefix}/alarms/#", qos=1)
+        await publish(device, f"{topic_prefix}/dev/smoke-9/telemetry", {"seq": 1, "alarm": True})
+        async with asyncio.timeout(WAIT_S):
+            message = await anext(aiter(console.messages))
+        assert message.topic.value == f"{topic_prefix}/alarms/g1"
+        raised = orjson.loads(message.payload)
+        assert (raised["change"], raised["rule"], raised["severity"], raised["device_id"]) == (
+            "raised", "smoke.alarm", "critical", "smoke-9")  # fmt: skip
+        listed = (await http.get("/api/alarms", params={"device": "smoke-9"})).json()
+        assert [a["id"] for a in listed["items"]] == [raised["id"]]
+        assert (await http.post(f"/api/alarms/{raised['id']}/ack")).status_code == 200
+        async with asyncio.timeout(WAIT_S):
+            acked = orjson.loads((await anext(aiter(console.messages))).payload)
+        assert (acked["id"], acked["change"], acked["state"]) == (
+            raised["id"], "acknowledged", "acknowledged")  # fmt: skip

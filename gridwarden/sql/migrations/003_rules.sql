@@ -31,6 +31,7 @@ CREATE UNIQUE INDEX alarms_one_open_idx ON alarms (source, rule) WHERE state <> 
 CREATE INDEX alarms_state_idx ON alarms (state, id DESC);
 CREATE INDEX alarms_cell_idx ON alarms (cell_id, id DESC);
 CREATE INDEX alarms_device_idx ON alarms (device_id, id DESC);
+CREATE INDEX alarms_updated_idx ON alarms (updated_at);  -- the live feed's catch-up
 
 -- Per (source, rule) state of stateful conditions (duration pending, window samples,
 -- firing flag). A row exists only while the state is not idle; `due_at` is when a

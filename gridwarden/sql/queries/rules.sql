@@ -28,8 +28,11 @@ RETURNING a.id, a.device_id, a.kind, a.rule, a.severity, a.state, a.cell_id, a.f
           (SELECT severity FROM previous) AS previous_severity;
 
 -- name: clear_alarm
+-- An alarm already acknowledged has nothing left to wait for once it clears: closed.
 UPDATE alarms
-SET state = 'cleared', cleared_at = $3, details = details || $4, updated_at = now()
+SET state = CASE WHEN state = 'acknowledged' THEN 'closed' ELSE 'cleared' END,
+    closed_at = CASE WHEN state = 'acknowledged' THEN $3 ELSE closed_at END,
+    cleared_at = $3, details = details || $4, updated_at = now()
 WHERE source = $1 AND rule = $2 AND state IN ('active', 'acknowledged')
 RETURNING id, device_id, kind, rule, severity, state, cell_id, first_seen, last_seen, count,
           cleared_at, case_id;
