@@ -62,7 +62,10 @@ async def prepare_demo(
         click.echo(f"\ngridwarden demo is up: {url}")
         click.echo(f"  sample city: {len(devices)} devices simulated at {speedup:g}x speed")
         click.echo(f"  operator token: {token}")
-        click.echo(f"  try: curl -H 'Authorization: Bearer {token}' {url}/api/devices?limit=5")
+        auth = f"-H 'Authorization: Bearer {token}'"
+        click.echo(f"  alarms: curl {auth} {url}/api/alarms")
+        click.echo(f"  live:   curl -N {auth} {url}/api/alarms/stream")
+        click.echo(f"  devices: curl {auth} '{url}/api/devices?limit=5'")
         click.echo(f"       curl {url}/metrics | grep gridwarden_ingest_stored")
         click.echo("  stop with Ctrl-C")
 
