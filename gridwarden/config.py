@@ -65,9 +65,36 @@ class Settings(BaseSettings):
         default=None, description="extra rule files (*.toml): new rules, replacements, overrides"
     )
     rules_tick_s: float = Field(default=0.2, gt=0, le=5, description="timer resolution")
+    # SLA targets per priority, seconds from the case's report time (the seeds: on site
+    # within 10 minutes, feedback within 30; critical tighter). `escalate_s` is the new
+    # deadline given to the next level after a missed one.
+    sla_critical_accept_s: int = Field(default=60, gt=0)
+    sla_critical_arrive_s: int = Field(default=300, gt=0)
+    sla_critical_resolve_s: int = Field(default=1200, gt=0)
+    sla_critical_escalate_s: int = Field(default=300, gt=0)
+    sla_major_accept_s: int = Field(default=180, gt=0)
+    sla_major_arrive_s: int = Field(default=600, gt=0)
+    sla_major_resolve_s: int = Field(default=1800, gt=0)
+    sla_major_escalate_s: int = Field(default=600, gt=0)
+    sla_minor_accept_s: int = Field(default=900, gt=0)
+    sla_minor_arrive_s: int = Field(default=3600, gt=0)
+    sla_minor_resolve_s: int = Field(default=4 * 3600, gt=0)
+    sla_minor_escalate_s: int = Field(default=1800, gt=0)
+    sla_warning_accept_s: int = Field(default=3600, gt=0)
+    sla_warning_arrive_s: int = Field(default=24 * 3600, gt=0)
+    sla_warning_resolve_s: int = Field(default=72 * 3600, gt=0)
+    sla_warning_escalate_s: int = Field(default=4 * 3600, gt=0)
+    sla_tick_s: float = Field(default=1.0, gt=0, le=5, description="SLA timer resolution")
     credential_hash_key: str = Field(
         default="gridwarden-dev-key", description="key for hashing card numbers; set in production"
     )
+
+    def sla_policy(self, priority: str) -> dict[str, int]:
+        """The SLA targets for one priority, as stored in each case's policy snapshot."""
+        return {
+            step: getattr(self, f"sla_{priority}_{step}_s")
+            for step in ("accept", "arrive", "resolve", "escalate")
+        }
 
     @field_validator("database_url")
     @classmethod

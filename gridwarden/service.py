@@ -97,7 +97,9 @@ async def run_service(
     """Run until SIGTERM/SIGINT (clean return) or a task failure (TaskDied)."""
     from alerting.alarms_api import AlarmFeed, attach_alarms
     from alerting.alarms_api import router as alarms_router
+    from alerting.cases import case_opener
     from alerting.outbox import outbox_task
+    from gridwarden.clock import SystemClock
     from ingest.api import router as ingest_router
     from ingest.consumer import IngestService
     from rules.runtime import RulesService
@@ -114,7 +116,7 @@ async def run_service(
             await ingest.directory.refresh(pool)
             rules = RulesService(
                 settings, pool, ingest.directory.lookup, devices=ingest.directory.ids,
-                ruleset=ruleset,
+                ruleset=ruleset, on_raised=case_opener(settings, SystemClock()),
             )  # fmt: skip
             await rules.start()
             ingest.rules = rules

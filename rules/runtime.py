@@ -20,7 +20,7 @@ from gridwarden.readings import DeviceInfo, Reading
 from gridwarden.registry import CellLocator
 from rules.engine import Engine, Evaluation
 from rules.spec import RuleSet, load_rules
-from rules.store import apply_evaluation
+from rules.store import OnRaised, apply_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class RulesService:
         pool: asyncpg.Pool,
         lookup_device: Callable[[str], DeviceInfo | None],
         *,
+        on_raised: OnRaised | None = None,
         devices: Callable[[], list[str]] = list,
         clock: Clock | None = None,
         ruleset: RuleSet | None = None,
@@ -52,6 +53,7 @@ class RulesService:
         self.ruleset = ruleset or load_rules([settings.rules_dir] if settings.rules_dir else [])
         self.engine = Engine(self.ruleset, lookup_device, self.cells_of, self.muted)
         self.devices = devices
+        self.on_raised = on_raised
         # One writer of engine state at a time: the ingest batch (evaluate → commit)
         # and the timers must not interleave on the same keys.
         self.lock = asyncio.Lock()
@@ -110,7 +112,7 @@ class RulesService:
     async def in_transaction(self, conn: asyncpg.Connection, readings: list[Reading]) -> Evaluation:
         evaluation = self.engine.evaluate(readings)
         if not evaluation.empty:
-            await apply_evaluation(conn, evaluation, self.settings.topic_prefix)
+            await apply_evaluation(conn, evaluation, self.settings.topic_prefix, self.on_raised)
         return evaluation
 
     def committed(self, evaluation: Evaluation) -> None:
@@ -122,7 +124,9 @@ class RulesService:
             evaluation = self.engine.tick(self.clock.now())
             if not evaluation.empty:
                 async with self.pool.acquire() as conn, conn.transaction():
-                    await apply_evaluation(conn, evaluation, self.settings.topic_prefix)
+                    await apply_evaluation(
+                        conn, evaluation, self.settings.topic_prefix, self.on_raised
+                    )
                 self.engine.commit(evaluation)
             return evaluation
 

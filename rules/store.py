@@ -3,6 +3,7 @@ transaction, each change announced (live feed, outbox) on commit."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import asyncpg
@@ -11,6 +12,10 @@ import orjson
 from alerting.alarm_json import Change, announce_alarm
 from gridwarden.db import query
 from rules.engine import AlarmOp, Evaluation, due_at
+
+# Called inside the transaction for an alarm raised (new, or again after clearing):
+# alerting opens or joins its case there.
+OnRaised = Callable[[asyncpg.Connection, asyncpg.Record, AlarmOp], Awaitable[object]]
 
 
 def _change(row: asyncpg.Record) -> Change:
@@ -21,7 +26,12 @@ def _change(row: asyncpg.Record) -> Change:
     return "repeated"
 
 
-async def apply_op(conn: asyncpg.Connection, op: AlarmOp, topic_prefix: str) -> int | None:
+async def apply_op(
+    conn: asyncpg.Connection,
+    op: AlarmOp,
+    topic_prefix: str,
+    on_raised: OnRaised | None = None,
+) -> int | None:
     """One alarm operation; returns the alarm id changed, if any."""
     details = orjson.dumps(op.details).decode()
     if op.action == "raise":
@@ -31,7 +41,10 @@ async def apply_op(conn: asyncpg.Connection, op: AlarmOp, topic_prefix: str) -> 
             op.at, op.count, details,
         )  # fmt: skip
         assert row is not None
-        await announce_alarm(conn, row, _change(row), topic_prefix)
+        change = _change(row)
+        await announce_alarm(conn, row, change, topic_prefix)
+        if change == "raised" and on_raised is not None:
+            await on_raised(conn, row, op)
         return int(row["id"])
     row = await conn.fetchrow(query("clear_alarm"), op.source, op.rule, op.at, details)
     if row is None:
@@ -43,7 +56,10 @@ async def apply_op(conn: asyncpg.Connection, op: AlarmOp, topic_prefix: str) -> 
 
 
 async def apply_evaluation(
-    conn: asyncpg.Connection, evaluation: Evaluation, topic_prefix: str
+    conn: asyncpg.Connection,
+    evaluation: Evaluation,
+    topic_prefix: str,
+    on_raised: OnRaised | None = None,
 ) -> list[int]:
     """Persist state and apply alarm ops; call inside a transaction."""
     save = [(key, state) for key, state in evaluation.states.items() if state is not None]
@@ -62,7 +78,7 @@ async def apply_evaluation(
         )
     changed = []
     for op in evaluation.ops:
-        alarm_id = await apply_op(conn, op, topic_prefix)
+        alarm_id = await apply_op(conn, op, topic_prefix, on_raised)
         if alarm_id is not None:
             changed.append(alarm_id)
     return changed

@@ -1,0 +1,130 @@
+-- name: case_open_or_join
+-- One open case per incident: a new alarm of the same device or building joins it.
+INSERT INTO cases AS c (incident_key, origin, category, title, description, cell_id, device_id,
+                        lat, lon, priority, policy, created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, $12)
+ON CONFLICT (incident_key) WHERE state IN ('reported', 'dispatched', 'accepted', 'on_site')
+DO UPDATE SET
+    priority = CASE
+        WHEN array_position(ARRAY['warning', 'minor', 'major', 'critical'], EXCLUDED.priority)
+           > array_position(ARRAY['warning', 'minor', 'major', 'critical'], c.priority)
+        THEN EXCLUDED.priority ELSE c.priority END,
+    updated_at = EXCLUDED.updated_at
+RETURNING c.*, (c.xmax = 0) AS inserted;
+
+-- name: case_candidate
+-- The on-duty worker of one of `roles` covering the cell, or failing that the nearest
+-- cell above it: nearest cell first, then role order (grid workers before part-timers),
+-- fewest open cases, longest since given one (round robin), id.
+WITH RECURSIVE chain AS (
+    SELECT id, parent_id, 0 AS depth FROM cells WHERE id = $1
+    UNION ALL
+    SELECT c.id, c.parent_id, chain.depth + 1
+    FROM cells c JOIN chain ON c.id = chain.parent_id
+    WHERE chain.depth < 16
+)
+SELECT w.id, w.name, w.role, min(chain.depth) AS depth,
+       (SELECT count(*) FROM cases k
+        WHERE k.assignee = w.id AND k.state IN ('dispatched', 'accepted', 'on_site')) AS open_cases
+FROM workers w
+JOIN worker_cells wc ON wc.worker_id = w.id
+JOIN chain ON chain.id = wc.cell_id
+WHERE w.on_duty AND w.role = ANY($2::text[]) AND NOT (w.id = ANY($3::text[]))
+GROUP BY w.id
+ORDER BY min(chain.depth), array_position($2::text[], w.role), open_cases,
+         w.last_assigned_at NULLS FIRST, w.id
+LIMIT 1;
+
+-- name: case_assign
+UPDATE cases SET assignee = $2, level = $3, state = 'dispatched',
+       dispatched_at = COALESCE(dispatched_at, $4), due_at = $5, due_step = $6, updated_at = $4
+WHERE id = $1
+RETURNING *;
+
+-- name: worker_touch_assigned
+UPDATE workers SET last_assigned_at = $2 WHERE id = $1;
+
+-- name: case_get
+SELECT * FROM cases WHERE id = $1;
+
+-- name: case_lock
+SELECT * FROM cases WHERE id = $1 FOR UPDATE;
+
+-- name: case_event_add
+INSERT INTO case_events (case_id, at, actor, action, from_state, to_state, detail)
+VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb);
+
+-- name: case_timeline
+SELECT at, actor, action, from_state, to_state, detail FROM case_events
+WHERE case_id = $1 ORDER BY id;
+
+-- name: case_alarm_ids
+SELECT id FROM alarms WHERE case_id = $1 ORDER BY id;
+
+-- name: alarm_link_case
+UPDATE alarms SET case_id = $2, updated_at = now() WHERE id = $1 AND case_id IS DISTINCT FROM $2
+RETURNING id, device_id, kind, rule, severity, state, cell_id, first_seen, last_seen, count,
+          cleared_at, case_id;
+
+-- name: case_close_alarms
+UPDATE alarms SET state = 'closed', closed_at = $2, updated_at = now()
+WHERE case_id = $1 AND state <> 'closed'
+RETURNING id, device_id, kind, rule, severity, state, cell_id, first_seen, last_seen, count,
+          cleared_at, case_id;
+
+-- name: case_worker
+SELECT id, name, role, on_duty FROM workers WHERE id = $1;
+
+-- name: cases_due
+-- Cases past their next deadline, for the SLA timer; SKIP LOCKED so two instances
+-- never escalate the same case.
+SELECT * FROM cases WHERE due_at <= $1 ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED;
+
+-- name: case_device_location
+SELECT d.lat, d.lon, d.name, d.building, d.floor, d.kind FROM devices d WHERE d.id = $1;
+
+-- name: case_step
+-- One step of the loop. Step columns are only ever set here (COALESCE keeps the rest);
+-- `case_reopen_reset` is the one place that clears them.
+UPDATE cases SET
+    state = $2, due_at = $3, due_step = $4, updated_at = $5,
+    accepted_at = COALESCE($6, accepted_at),
+    arrived_at = COALESCE($7, arrived_at),
+    resolved_at = COALESCE($8, resolved_at),
+    resolved_by = COALESCE($9, resolved_by),
+    resolution = COALESCE($10, resolution),
+    verified_at = COALESCE($11, verified_at),
+    verified_by = COALESCE($12, verified_by),
+    archived_at = COALESCE($13, archived_at),
+    rating = COALESCE($14, rating),
+    rating_comment = COALESCE($15, rating_comment),
+    accept_met = COALESCE($16, accept_met),
+    arrive_met = COALESCE($17, arrive_met),
+    resolve_met = COALESCE($18, resolve_met)
+WHERE id = $1
+RETURNING *;
+
+-- name: case_reopen_reset
+UPDATE cases SET resolved_at = NULL, resolved_by = NULL, resolution = NULL, verified_at = NULL,
+       verified_by = NULL, resolve_met = NULL
+WHERE id = $1;
+
+-- name: case_set_rejected
+UPDATE cases SET rejected_by = $2 WHERE id = $1;
+
+-- name: case_escalated
+-- A missed deadline: mark the step missed (it stays missed whatever happens later).
+UPDATE cases SET escalations = escalations + 1,
+    accept_met = CASE WHEN $2 = 'accept' THEN false ELSE accept_met END,
+    arrive_met = CASE WHEN $2 = 'arrive' THEN false ELSE arrive_met END,
+    resolve_met = CASE WHEN $2 = 'resolve' THEN false ELSE resolve_met END
+WHERE id = $1;
+
+-- name: case_postpone
+UPDATE cases SET due_at = $2 WHERE id = $1;
+
+-- name: outbox_add
+INSERT INTO outbox (topic, payload) VALUES ($1, $2::jsonb);
+
+-- name: outbox_wake
+SELECT pg_notify('gw_outbox', '');
