@@ -121,8 +121,9 @@ def _serve(settings: Settings, *, demo: bool, speedup: float = 30.0) -> None:
             extra: dict[str, Any] = {}
             ready: Callable[[str], None] = _print_ready
             if demo:
-                from gridwarden.demo import prepare_demo
+                from gridwarden.demo import demo_settings, prepare_demo
 
+                settings = demo_settings(settings, speedup)
                 extra, ready = _run(prepare_demo(settings, database_url, mqtt_url, speedup))
             _run(
                 run_service(

@@ -22,9 +22,21 @@ DEMO_SCENARIOS = ("fire", "cover_opened", "door_forced", "bin_full", "faulty", "
 TaskFactory = Callable[[asyncpg.Pool], TaskFn]
 
 
+def demo_settings(settings: Settings, speedup: float) -> Settings:
+    """SLA deadlines run as fast as the simulated city, so escalations show within a
+    minute or two (the defaults are the seeds' 10 and 30 minutes)."""
+    scaled = {
+        name: max(1, round(getattr(settings, name) / speedup))
+        for name in type(settings).model_fields
+        if name.startswith("sla_") and name.endswith("_s") and name != "sla_tick_s"
+    }
+    return settings.model_copy(update=scaled)
+
+
 async def prepare_demo(
     settings: Settings, database_url: str, mqtt_url: str, speedup: float
 ) -> tuple[dict[str, TaskFactory], Callable[[str], None]]:
+    from device_sim.crew import run_crew
     from device_sim.fleet import load_devices_from_csv, run_fleet
 
     city_dir = settings.data_dir / "sample_city"
@@ -38,6 +50,11 @@ async def prepare_demo(
             await import_file(conn, "workers", files.workers, settings),
         ]
         token = await create_token(conn, "operator", label="demo")
+        crew_token = await create_token(conn, "operator", label="demo crew")
+        worker_tokens = {
+            row["id"]: await create_token(conn, "worker", row["id"], label="demo crew")
+            for row in await conn.fetch("SELECT id FROM workers WHERE on_duty")
+        }
     finally:
         await conn.close()
     devices = load_devices_from_csv(Path(files.devices))
@@ -56,7 +73,17 @@ async def prepare_demo(
 
         return run
 
+    api: dict[str, str] = {}
+
+    def crew(pool: asyncpg.Pool) -> TaskFn:
+        async def run(stop: asyncio.Event) -> None:
+            await run_crew(mqtt_url, api["url"], worker_tokens, crew_token,
+                           prefix=settings.topic_prefix, speedup=speedup, stop=stop)  # fmt: skip
+
+        return run
+
     def ready(url: str) -> None:
+        api["url"] = url
         for report in reports:
             click.echo(report.summary())
         click.echo(f"\ngridwarden demo is up: {url}")
@@ -65,8 +92,10 @@ async def prepare_demo(
         auth = f"-H 'Authorization: Bearer {token}'"
         click.echo(f"  alarms: curl {auth} {url}/api/alarms")
         click.echo(f"  live:   curl -N {auth} {url}/api/alarms/stream")
+        click.echo(f"  cases:  curl {auth} {url}/api/cases   (simulated workers work them)")
+        click.echo(f"  stats:  curl {auth} '{url}/api/stats?by=worker'")
         click.echo(f"  devices: curl {auth} '{url}/api/devices?limit=5'")
         click.echo(f"       curl {url}/metrics | grep gridwarden_ingest_stored")
         click.echo("  stop with Ctrl-C")
 
-    return {"device-sim": simulator}, ready
+    return {"device-sim": simulator, "worker-crew": crew}, ready
