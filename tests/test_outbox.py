@@ -24,6 +24,7 @@ from gridwarden.db import create_pool
 from gridwarden.embedded import find_mosquitto, free_port, service_account, wait_for_port
 from gridwarden.mqtt_url import parse_mqtt_url
 from tests.ingest_helpers import WAIT_S, wait_for
+from tests.tcp_proxy import TcpProxy
 
 
 @pytest.fixture
@@ -143,58 +144,6 @@ async def test_polls_when_a_notification_is_missed(
         ids = await enqueue(pool, [(f"{topic_prefix}/x", {"n": n}) for n in range(5)], notify=False)
         await wait_received(received, 5)
     assert [outbox_id(m) for m in received] == ids  # in order across batches
-
-
-class TcpProxy:
-    """127.0.0.1:port → the broker, which the test can take away and bring back."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self._server: asyncio.Server | None = None
-        self._pipes: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-
-    async def stop(self) -> None:
-        """Refuse new connections and cut the open ones."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for writer in self._writers:
-            writer.close()
-        for pipe in list(self._pipes):
-            pipe.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
-        self._writers.clear()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self._writers |= {writer, up_writer}
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(source, sink))
-            self._pipes.add(task)
-            task.add_done_callback(self._pipes.discard)
-
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        try:
-            while data := await source.read(65536):
-                sink.write(data)
-                await sink.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            sink.close()
 
 
 async def test_broker_down_then_back(pool: asyncpg.Pool, mqtt_url: str, topic_prefix: str) -> None:
