@@ -216,8 +216,16 @@ async def dispatch(
     else:
         found = await find_assignee(conn, case["cell_id"], level, exclude or [])
     if found is None:
+        if case["assignee"] is not None and case["assignee"] in (exclude or []):
+            # The assignee gave it back and nobody else can take it: nobody has it now.
+            unassigned = await conn.fetchrow(query("case_unassign"), case["id"], now)
+            assert unassigned is not None
+            await add_event(conn, case["id"], now, actor, "unassigned", case["state"],
+                            "reported", {"reason": "nobody else on duty at any level"})  # fmt: skip
+            return unassigned
         await add_event(conn, case["id"], now, actor, "unassigned", case["state"], case["state"],
-                        {"reason": "nobody on duty at any level"})  # fmt: skip
+                        {"reason": "nobody on duty at any level",
+                         "assignee": case["assignee"]})  # fmt: skip
         return case
     worker, level = found
     step, due = next_deadline(case, "dispatched", now)
@@ -284,7 +292,7 @@ async def notify_worker(
     policy = _policy(case)
     created = case["created_at"]
     payload = {
-        "reason": reason,  # dispatched, escalated, reassigned
+        "reason": reason,  # dispatched, escalated, reassigned, reopened
         "case_id": case["id"],
         "state": case["state"],
         "priority": case["priority"],
@@ -346,6 +354,12 @@ async def act(
         raise CaseError(403, "a worker acts on their own cases only")
     if not _allowed(transition, case, actor):
         raise CaseError(403, f"{action} is not allowed to {actor.name}")
+    if (
+        actor.role == "worker"
+        and case["assignee"] != actor.worker_id
+        and not await conn.fetchval(query("worker_covers_cell"), actor.worker_id, case["cell_id"])
+    ):
+        raise CaseError(403, f"case {case_id} is outside {actor.name}'s area")
     if case["state"] not in transition.allowed_from:
         raise CaseError(
             409, f"cannot {action} a case that is {case['state']} "
@@ -471,6 +485,8 @@ async def _rate(
     now: datetime,
     prefix: str,
 ) -> asyncpg.Record:
+    if case["rating"] is not None:
+        raise CaseError(409, f"case {case['id']} is already rated")
     score = body.get("score")
     if not isinstance(score, int) or isinstance(score, bool) or not 1 <= score <= 5:
         raise CaseError(422, "score must be a whole number from 1 to 5")
@@ -552,8 +568,13 @@ async def escalate(
 ) -> asyncpg.Record:
     """One level up the hierarchy (grid worker → grid leader → community → street)."""
     index = LEVELS.index(case["level"])
-    if index + 1 >= len(LEVELS):
-        # The top: nobody above. Keep the case with the street and give it more time.
+    above = (
+        await find_assignee(conn, case["cell_id"], LEVELS[index + 1], [])
+        if index + 1 < len(LEVELS)
+        else None
+    )
+    if above is None:
+        # Nobody above (the top, or nobody on duty): keep it where it is, with more time.
         due = now + timedelta(seconds=_policy(case)["escalate"])
         await conn.execute(query("case_postpone"), case["id"], due)
         await add_event(conn, case["id"], now, actor, "escalation_exhausted", case["state"],
@@ -563,11 +584,12 @@ async def escalate(
         return row
     await conn.execute(query("case_escalated"), case["id"], missed)
     fresh = await conn.fetchrow(query("case_get"), case["id"])
+    worker, level = above
     await add_event(conn, case["id"], now, actor, "escalate", case["state"], "dispatched",
-                    {"from_level": case["level"], "to_level": LEVELS[index + 1],
+                    {"from_level": case["level"], "to_level": level,
                      "missed": missed, "reason": reason})  # fmt: skip
     return await dispatch(conn, fresh, now=now, topic_prefix=topic_prefix, reason="escalated",
-                          level=LEVELS[index + 1], actor=actor)  # fmt: skip
+                          worker_id=worker["id"], actor=actor)  # fmt: skip
 
 
 Handler = Callable[

@@ -98,6 +98,8 @@ async def run_service(
     from alerting.alarms_api import AlarmFeed, attach_alarms
     from alerting.alarms_api import router as alarms_router
     from alerting.cases import case_opener
+    from alerting.cases_api import attach_cases
+    from alerting.cases_api import router as cases_router
     from alerting.outbox import outbox_task
     from gridwarden.clock import SystemClock
     from ingest.api import router as ingest_router
@@ -127,7 +129,9 @@ async def run_service(
                     "broker": broker_check(ingest.source.is_connected),
                 },
             )
-            app = create_app(state, routers=[ingest_router, alarms_router])
+            clock = SystemClock()
+            app = create_app(state, routers=[ingest_router, alarms_router, cases_router])
+            attach_cases(app, settings=settings, clock=clock)
             feed = AlarmFeed(pool)
             attach_alarms(app, feed=feed, topic_prefix=settings.topic_prefix)
             supervisor = Supervisor()

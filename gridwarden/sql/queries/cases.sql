@@ -84,23 +84,24 @@ SELECT * FROM cases WHERE due_at <= $1 ORDER BY due_at LIMIT $2 FOR UPDATE SKIP 
 SELECT d.lat, d.lon, d.name, d.building, d.floor, d.kind FROM devices d WHERE d.id = $1;
 
 -- name: case_step
--- One step of the loop. Step columns are only ever set here (COALESCE keeps the rest);
--- `case_reopen_reset` is the one place that clears them.
+-- One step of the loop. A step column keeps its first value (a second acceptance after
+-- an escalation does not rewrite when the case was first accepted, nor whether that
+-- met its deadline); `case_reopen_reset` is the one place that clears them.
 UPDATE cases SET
     state = $2, due_at = $3, due_step = $4, updated_at = $5,
-    accepted_at = COALESCE($6, accepted_at),
-    arrived_at = COALESCE($7, arrived_at),
-    resolved_at = COALESCE($8, resolved_at),
-    resolved_by = COALESCE($9, resolved_by),
-    resolution = COALESCE($10, resolution),
-    verified_at = COALESCE($11, verified_at),
-    verified_by = COALESCE($12, verified_by),
-    archived_at = COALESCE($13, archived_at),
-    rating = COALESCE($14, rating),
-    rating_comment = COALESCE($15, rating_comment),
-    accept_met = COALESCE($16, accept_met),
-    arrive_met = COALESCE($17, arrive_met),
-    resolve_met = COALESCE($18, resolve_met)
+    accepted_at = COALESCE(accepted_at, $6),
+    arrived_at = COALESCE(arrived_at, $7),
+    resolved_at = COALESCE(resolved_at, $8),
+    resolved_by = COALESCE(resolved_by, $9),
+    resolution = COALESCE(resolution, $10),
+    verified_at = COALESCE(verified_at, $11),
+    verified_by = COALESCE(verified_by, $12),
+    archived_at = COALESCE(archived_at, $13),
+    rating = COALESCE(rating, $14),
+    rating_comment = COALESCE(rating_comment, $15),
+    accept_met = COALESCE(accept_met, $16),
+    arrive_met = COALESCE(arrive_met, $17),
+    resolve_met = COALESCE(resolve_met, $18)
 WHERE id = $1
 RETURNING *;
 
@@ -128,3 +129,21 @@ INSERT INTO outbox (topic, payload) VALUES ($1, $2::jsonb);
 
 -- name: outbox_wake
 SELECT pg_notify('gw_outbox', '');
+
+-- name: worker_covers_cell
+-- Does the worker cover the cell or a cell above it (a supervisor's area)?
+WITH RECURSIVE chain AS (
+    SELECT id, parent_id, 0 AS depth FROM cells WHERE id = $2
+    UNION ALL
+    SELECT c.id, c.parent_id, chain.depth + 1
+    FROM cells c JOIN chain ON c.id = chain.parent_id
+    WHERE chain.depth < 16
+)
+SELECT EXISTS (
+    SELECT 1 FROM worker_cells wc JOIN chain ON chain.id = wc.cell_id WHERE wc.worker_id = $1
+);
+
+-- name: case_unassign
+-- Nobody left to take it: back to `reported`, keeping its deadline for the SLA timer.
+UPDATE cases SET assignee = NULL, state = 'reported', updated_at = $2 WHERE id = $1
+RETURNING *;

@@ -1,0 +1,208 @@
+"""SLA timers: a case whose next deadline passed goes one level up the hierarchy
+(grid worker → grid leader → community staff → street staff).
+
+Deadlines live in the database (`cases.due_at`, `due_step`, computed from the policy
+snapshot the case opened with), not in this process: there is nothing to rebuild on
+start, and the first tick after a restart or an outage catches up every overdue case.
+A timer that stalls while its process was down is the failure this design rules out.
+
+Each tick takes the cases due at the tick's `now` in small batches, one transaction per
+batch, with `FOR UPDATE SKIP LOCKED` (`cases_due`): several instances share the work
+and never escalate the same case twice; a worker acting on a case at the same moment
+waits for the batch's commit and then sees the case as escalated (or the other way
+round: an accepted case is no longer due). Every case runs in its own savepoint, so one
+that fails (a bug, a deadlock) is logged, given a retry time and does not hold up the rest.
+
+What a missed deadline does:
+
+- **someone is on duty above**: `alerting.cases.escalate` (the missed step is marked
+  missed, the case goes to the next level's person with the policy's escalation grace,
+  who is notified on `gw/workers/{id}/cases` with reason `escalated`);
+- **at the top** (street staff): the case stays with them and gets more time
+  (`escalation_exhausted`, from `escalate`);
+- **nobody on duty at any level above**: the case stays with its assignee and gets more
+  time, recorded as `escalation_exhausted` with `nobody_on_duty_above`;
+- **a case still `reported`** (nobody was on duty when it opened, so it has no `due_at`):
+  at its accept deadline dispatch is tried again from the next level up (falling back
+  to its own level if only someone there came on duty); still nobody: `unassigned`,
+  tried again after the policy's escalation grace.
+
+One level per missed deadline, also when catching up after a long outage: each level
+gets its own grace to respond rather than the case jumping straight to the street.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+from prometheus_client import Counter, Gauge
+
+from alerting.cases import LEVELS, OPEN_STATES, SYSTEM, add_event, dispatch, escalate, find_assignee
+from gridwarden.clock import Clock, SystemClock
+from gridwarden.config import Settings
+from gridwarden.db import query
+from gridwarden.supervisor import TaskFn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH = 20
+TICK_TIMEOUT_S = 30.0  # a tick that hangs (database unreachable mid-query) is abandoned
+FAILED_RETRY_S = 30.0  # a case whose escalation failed is tried again after this
+REASON = "deadline missed"
+
+ESCALATIONS = Counter(
+    "gridwarden_sla_escalations_total",
+    "Cases the SLA timer escalated after a missed deadline, by the level they went to",
+    ["level"],
+)
+EXHAUSTED = Counter(
+    "gridwarden_sla_exhausted_total",
+    "Missed deadlines with nobody above to escalate to (top of the hierarchy, or nobody on "
+    "duty): the case stays where it is and gets the escalation grace",
+    ["why"],
+)
+FAILURES = Counter(
+    "gridwarden_sla_failures_total", "Cases whose escalation failed (tried again later)"
+)
+OVERDUE = Gauge(
+    "gridwarden_sla_overdue_cases",
+    "Open cases that have missed an SLA deadline (a step marked missed, or past due now)",
+)
+
+# The connection or the server is gone: the batch is lost, the tick fails, `run` retries.
+_CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def _policy(case: asyncpg.Record) -> dict[str, Any]:
+    policy = case["policy"]
+    return orjson.loads(policy) if isinstance(policy, str | bytes) else dict(policy)
+
+
+class SlaTimers:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        settings: Settings,
+        clock: Clock | None = None,
+        *,
+        batch: int = DEFAULT_BATCH,
+    ) -> None:
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        self.pool = pool
+        self.settings = settings
+        self.clock: Clock = clock or SystemClock()
+        self.batch = batch
+
+    # -- one tick ------------------------------------------------------------------------
+    async def tick_once(self) -> int:
+        """Act on every case due at `clock.now()`; returns how many were acted on
+        (escalated, re-dispatched, or kept at the top with more time)."""
+        now = self.clock.now()
+        acted = 0
+        seen: set[int] = set()
+        for name in ("cases_due", "sla_unassigned_due"):
+            while True:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    rows = await conn.fetch(query(name), now, self.batch)
+                    fresh = [row for row in rows if row["id"] not in seen]
+                    for case in fresh:
+                        seen.add(case["id"])
+                        acted += await self._one(conn, case, now)
+                # Fewer than a batch: nothing more is due (or the rest is locked by another
+                # instance). A case seen twice would mean it is still due after being
+                # handled: never loop on it within one tick.
+                if len(rows) < self.batch or len(fresh) < len(rows):
+                    break
+        OVERDUE.set(await self.pool.fetchval(query("sla_overdue_count"), now))
+        return acted
+
+    async def _one(self, conn: asyncpg.Connection, case: asyncpg.Record, now: datetime) -> int:
+        try:
+            async with conn.transaction():  # a savepoint: one bad case spoils nothing else
+                return await self._handle(conn, case, now)
+        except _CONNECTION_ERRORS:
+            raise
+        except Exception as exc:
+            FAILURES.inc()
+            transient = isinstance(exc, asyncpg.exceptions.TransactionRollbackError)
+            retry_s = self.settings.sla_tick_s if transient else FAILED_RETRY_S
+            log.exception(
+                "sla: escalating case %s failed; trying again in %.0f s", case["id"], retry_s
+            )
+            await conn.execute(query("case_postpone"), case["id"], now + timedelta(seconds=retry_s))
+            return 0
+
+    async def _handle(self, conn: asyncpg.Connection, case: asyncpg.Record, now: datetime) -> int:
+        case_id, state, level = case["id"], case["state"], case["level"]
+        if state not in OPEN_STATES:
+            await conn.execute(query("sla_clear_due"), case_id)
+            return 0
+        prefix = self.settings.topic_prefix
+        missed = case["due_step"] or "accept"  # a `reported` case waits to be accepted
+        index = LEVELS.index(level)
+        updated: asyncpg.Record | None
+        if index + 1 >= len(LEVELS):
+            updated = await escalate(conn, case, SYSTEM, now, prefix, reason=REASON, missed=missed)
+            EXHAUSTED.labels("top").inc()
+            log.info("sla: case %s missed its %s deadline at the top; more time", case_id, missed)
+        elif await find_assignee(conn, case["cell_id"], LEVELS[index + 1], []) is not None:
+            updated = await escalate(conn, case, SYSTEM, now, prefix, reason=REASON, missed=missed)
+            ESCALATIONS.labels(updated["level"]).inc()
+            log.info(
+                "sla: case %s missed its %s deadline: %s %s → %s %s", case_id, missed,
+                level, case["assignee"], updated["level"], updated["assignee"],
+            )  # fmt: skip
+        elif state == "reported" and await find_assignee(conn, case["cell_id"], level, []):
+            # Nobody above, but someone at its own level came on duty since it opened.
+            updated = await dispatch(conn, case, now=now, topic_prefix=prefix, reason="dispatched")
+            log.info("sla: unassigned case %s dispatched to %s", case_id, updated["assignee"])
+        else:
+            # Nobody on duty above (or at all): it stays where it is, with more time.
+            # (`escalate` is not called: it would record an escalation that did not happen.)
+            action = "unassigned" if state == "reported" else "escalation_exhausted"
+            detail = {"missed": missed, "reason": REASON, "nobody_on_duty_above": level}
+            await add_event(conn, case_id, now, SYSTEM, action, state, state, detail)
+            EXHAUSTED.labels("nobody_on_duty").inc()
+            log.warning(
+                "sla: case %s missed its %s deadline and nobody above %s is on duty",
+                case_id, missed, level,
+            )  # fmt: skip
+            updated = None
+        if updated is None or updated["due_at"] is None or updated["due_at"] <= now:
+            grace = timedelta(seconds=float(_policy(case).get("escalate") or FAILED_RETRY_S))
+            await conn.execute(query("case_postpone"), case_id, now + grace)
+        return 1
+
+    # -- the task ------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick every `settings.sla_tick_s` until `stop`; database trouble is logged and
+        the next tick tries again (what was due is still due: nothing is lost)."""
+        log.info("sla timers: every %.1f s", self.settings.sla_tick_s)
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(max(TICK_TIMEOUT_S, self.settings.sla_tick_s)):
+                    await self.tick_once()
+            except _DB_ERRORS as exc:
+                log.warning("sla timers: database unavailable (%r); retrying", exc)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.sla_tick_s):
+                    await stop.wait()
+
+
+def sla_task(pool: asyncpg.Pool, settings: Settings, clock: Clock | None = None) -> TaskFn:
+    """The supervised SLA timer task: `supervisor.add("sla", sla_task(pool, settings))`."""
+    return SlaTimers(pool, settings, clock).run
