@@ -25,7 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from alerting.alarm_json import iso
 from alerting.alarms_api import parse_enum_list
-from alerting.cases import Actor, CaseError, act, case_json, open_case_for_report
+from alerting.cases import (
+    SUPERVISOR_ROLES,
+    Actor,
+    CaseError,
+    act,
+    case_json,
+    open_case_for_report,
+)
 from alerting.stats import By, case_stats
 from gridwarden.auth import Principal
 from gridwarden.clock import Clock
@@ -145,7 +152,14 @@ async def get_case(case_id: CaseId, principal: Anyone, state: State) -> dict[str
         if row is None:
             raise HTTPException(404, f"no case {case_id}")
         if principal.role == "worker" and row["assignee"] != principal.worker_id:
-            raise HTTPException(403, OWN_CASES_ONLY)
+            # A supervisor (grid leader, community, street staff) reads the cases of
+            # their area, which they verify and reassign; a worker only their own.
+            actor = await Actor.of(conn, principal)
+            covers = actor.worker_role in SUPERVISOR_ROLES and await conn.fetchval(
+                query("worker_covers_cell"), principal.worker_id, row["cell_id"]
+            )
+            if not covers:
+                raise HTTPException(403, OWN_CASES_ONLY)
         return await case_json(conn, row, timeline=True)
 
 

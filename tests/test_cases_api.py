@@ -516,6 +516,19 @@ async def test_get_one_case(city: City) -> None:
     assert got.json() == case
 
 
+async def test_supervisors_act_and_read_only_in_their_area(city: City) -> None:
+    case = await city.report(IN_G1)  # g1 is in c1: lead-1's area, not lead-2's
+    path = f"/api/cases/{case['id']}"
+    assert (await city.get(path, who="lead-1")).status_code == 200
+    assert (await city.get(path, who="ss-1")).status_code == 200  # the street covers all
+    assert (await city.get(path, who="lead-2")).status_code == 403
+    outside = await city.act("lead-2", case["id"], "reassign", {"worker_id": "w-b"})
+    assert outside.status_code == 403
+    assert "outside lead-2's area" in outside.json()["error"]
+    moved = await city.ok("lead-1", case["id"], "reassign", {"worker_id": "w-b"})
+    assert moved["assignee"] == "w-b"
+
+
 async def test_list_filters_pagination_and_own_cases(city: City) -> None:
     preload = await city.pool.fetchval("SELECT id FROM cases WHERE incident_key = 'preload'")
     ids: dict[str, int] = {}

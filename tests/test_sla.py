@@ -412,31 +412,43 @@ async def test_one_failing_case_does_not_stall_the_others(
     assert await timers.tick_once() == 0
 
 
-async def test_the_timer_survives_the_database_dropping_its_connections(
-    database_url: str, pool: asyncpg.Pool, topic_prefix: str
+async def test_the_timer_survives_a_database_outage(
+    database_url: str, pool: asyncpg.Pool, topic_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The timer's connections are cut and the database refuses new ones while a deadline
+    passes: the ticks fail (logged), the task keeps going, and the case is escalated as
+    soon as the database takes connections again."""
     settings = sla_settings(topic_prefix, sla_tick_s=0.05)
     clock = ManualClock(T0)
     case_id = await open_case(pool, settings, clock)
     timer_pool = await asyncpg.create_pool(
         database_url, min_size=2, max_size=2, server_settings={"application_name": "sla-test"}
     )
+    database = await pool.fetchval("SELECT current_database()")
     stop = asyncio.Event()
     running = asyncio.ensure_future(sla_task(timer_pool, settings, clock)(stop))
     try:
         await asyncio.sleep(0.2)
+        await pool.execute(f"ALTER DATABASE {database} ALLOW_CONNECTIONS false")
         killed = await pool.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
             " WHERE application_name = 'sla-test'"
         )
         assert killed == 2
-        await asyncio.sleep(0.2)  # a few ticks fail on the dead connections
-        clock.advance(60)
+        clock.advance(60)  # the deadline passes during the outage
+        async with asyncio.timeout(WAIT_S):
+            while "sla timers: database unavailable" not in caplog.text:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # a few more failed ticks
+        assert not running.done()
+        assert (await case_row(pool, case_id))["escalations"] == 0
+        await pool.execute(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
         async with asyncio.timeout(WAIT_S):
             while (await case_row(pool, case_id))["escalations"] == 0:
                 assert not running.done()
                 await asyncio.sleep(0.05)
     finally:
+        await pool.execute(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
         stop.set()
         async with asyncio.timeout(WAIT_S):
             await running
