@@ -176,6 +176,8 @@ async def open_case_for_report(
         description, cell_id, None, lat, lon, priority, orjson.dumps(policy).decode(), now,
     )  # fmt: skip
     assert case is not None
+    if not case["inserted"]:
+        return case  # the same report again: it already has its case
     await add_event(conn, case["id"], now, reporter, "reported", None, "reported",
                     {"category": category})  # fmt: skip
     return await dispatch(conn, case, now=now, topic_prefix=topic_prefix, reason="dispatched")

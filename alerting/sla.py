@@ -13,19 +13,17 @@ waits for the batch's commit and then sees the case as escalated (or the other w
 round: an accepted case is no longer due). Every case runs in its own savepoint, so one
 that fails (a bug, a deadlock) is logged, given a retry time and does not hold up the rest.
 
-What a missed deadline does:
+What a missed deadline does (`alerting.cases.escalate` decides, this module only calls it):
 
-- **someone is on duty above**: `alerting.cases.escalate` (the missed step is marked
-  missed, the case goes to the next level's person with the policy's escalation grace,
-  who is notified on `gw/workers/{id}/cases` with reason `escalated`);
-- **at the top** (street staff): the case stays with them and gets more time
-  (`escalation_exhausted`, from `escalate`);
-- **nobody on duty at any level above**: the case stays with its assignee and gets more
-  time, recorded as `escalation_exhausted` with `nobody_on_duty_above`;
-- **a case still `reported`** (nobody was on duty when it opened, so it has no `due_at`):
-  at its accept deadline dispatch is tried again from the next level up (falling back
-  to its own level if only someone there came on duty); still nobody: `unassigned`,
-  tried again after the policy's escalation grace.
+- **someone is on duty above**: the missed step is marked missed and the case goes to
+  the nearest level above with someone on duty, with the policy's escalation grace;
+  they are notified on `gw/workers/{id}/cases` with reason `escalated`;
+- **at the top** (street staff), **or nobody on duty above**: the case stays where it
+  is and gets the escalation grace (`escalation_exhausted`); tried again after it;
+- **a case still `reported`** (nobody was on duty when it opened, so it has no `due_at`
+  of its own; or given back and nobody else could take it): at its accept deadline it
+  is escalated like any other; if nobody is on duty above but someone at its own level
+  came on duty (not one who turned it down), it is dispatched to them instead.
 
 One level per missed deadline, also when catching up after a long outage: each level
 gets its own grace to respond rather than the case jumping straight to the street.
@@ -43,7 +41,7 @@ import asyncpg
 import orjson
 from prometheus_client import Counter, Gauge
 
-from alerting.cases import LEVELS, OPEN_STATES, SYSTEM, add_event, dispatch, escalate, find_assignee
+from alerting.cases import LEVELS, OPEN_STATES, SYSTEM, dispatch, escalate, find_assignee
 from gridwarden.clock import Clock, SystemClock
 from gridwarden.config import Settings
 from gridwarden.db import query
@@ -153,45 +151,51 @@ class SlaTimers:
             return 0
         prefix = self.settings.topic_prefix
         missed = case["due_step"] or "accept"  # a `reported` case waits to be accepted
-        index = LEVELS.index(level)
-        updated: asyncpg.Record | None
-        if index + 1 >= len(LEVELS):
-            updated = await escalate(conn, case, SYSTEM, now, prefix, reason=REASON, missed=missed)
-            EXHAUSTED.labels("top").inc()
-            log.info("sla: case %s missed its %s deadline at the top; more time", case_id, missed)
-        elif await find_assignee(conn, case["cell_id"], LEVELS[index + 1], []) is not None:
-            updated = await escalate(conn, case, SYSTEM, now, prefix, reason=REASON, missed=missed)
-            ESCALATIONS.labels(updated["level"]).inc()
-            log.info(
-                "sla: case %s missed its %s deadline: %s %s → %s %s", case_id, missed,
-                level, case["assignee"], updated["level"], updated["assignee"],
-            )  # fmt: skip
-        elif state == "reported" and await find_assignee(conn, case["cell_id"], level, []):
-            # Nobody above, but someone at its own level came on duty since it opened.
-            updated = await dispatch(conn, case, now=now, topic_prefix=prefix, reason="dispatched")
+        top = LEVELS.index(level) + 1 >= len(LEVELS)
+        if state == "reported" and not top and await self._only_own_level(conn, case):
+            # Nobody on duty above, but someone at its own level (not one who turned it
+            # down) came on duty since: better theirs, late, than nobody's.
+            rejected = list(case["rejected_by"])
+            updated = await dispatch(
+                conn, case, now=now, topic_prefix=prefix, reason="dispatched", exclude=rejected
+            )
             log.info("sla: unassigned case %s dispatched to %s", case_id, updated["assignee"])
         else:
-            # Nobody on duty above (or at all): it stays where it is, with more time.
-            # (`escalate` is not called: it would record an escalation that did not happen.)
-            action = "unassigned" if state == "reported" else "escalation_exhausted"
-            detail = {"missed": missed, "reason": REASON, "nobody_on_duty_above": level}
-            await add_event(conn, case_id, now, SYSTEM, action, state, state, detail)
-            EXHAUSTED.labels("nobody_on_duty").inc()
-            log.warning(
-                "sla: case %s missed its %s deadline and nobody above %s is on duty",
-                case_id, missed, level,
-            )  # fmt: skip
-            updated = None
-        if updated is None or updated["due_at"] is None or updated["due_at"] <= now:
+            # Up one level; at the top or with nobody on duty above, `escalate` keeps the
+            # case where it is with the escalation grace (`escalation_exhausted`).
+            updated = await escalate(conn, case, SYSTEM, now, prefix, reason=REASON, missed=missed)
+            if updated["escalations"] > case["escalations"]:
+                ESCALATIONS.labels(updated["level"]).inc()
+                log.info(
+                    "sla: case %s missed its %s deadline: %s %s → %s %s", case_id, missed,
+                    level, case["assignee"], updated["level"], updated["assignee"],
+                )  # fmt: skip
+            else:
+                EXHAUSTED.labels("top" if top else "nobody_on_duty").inc()
+                log.warning(
+                    "sla: case %s missed its %s deadline and nobody above %s is on duty; "
+                    "it stays with %s", case_id, missed, level, case["assignee"] or "nobody",
+                )  # fmt: skip
+        if updated["due_at"] is None or updated["due_at"] <= now:
+            # Defensive: whatever happened, a handled case is not due again in this tick.
             grace = timedelta(seconds=float(_policy(case).get("escalate") or FAILED_RETRY_S))
             await conn.execute(query("case_postpone"), case_id, now + grace)
         return 1
+
+    @staticmethod
+    async def _only_own_level(conn: asyncpg.Connection, case: asyncpg.Record) -> bool:
+        """Nobody on duty above the case's level, somebody at it."""
+        level, cell = case["level"], case["cell_id"]
+        above = LEVELS[LEVELS.index(level) + 1]
+        if await find_assignee(conn, cell, above, []) is not None:
+            return False
+        return await find_assignee(conn, cell, level, list(case["rejected_by"])) is not None
 
     # -- the task ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Tick every `settings.sla_tick_s` until `stop`; database trouble is logged and
         the next tick tries again (what was due is still due: nothing is lost)."""
-        log.info("sla timers: every %.1f s", self.settings.sla_tick_s)
+        log.info("sla timers: every %g s", self.settings.sla_tick_s)
         while not stop.is_set():
             try:
                 async with asyncio.timeout(max(TICK_TIMEOUT_S, self.settings.sla_tick_s)):

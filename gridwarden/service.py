@@ -101,6 +101,7 @@ async def run_service(
     from alerting.cases_api import attach_cases
     from alerting.cases_api import router as cases_router
     from alerting.outbox import outbox_task
+    from alerting.sla import sla_task
     from gridwarden.clock import SystemClock
     from ingest.api import router as ingest_router
     from ingest.consumer import IngestService
@@ -142,6 +143,7 @@ async def run_service(
             supervisor.add("rules-refresh", rules.run_refresh)
             supervisor.add("alarm-feed", feed.run)
             supervisor.add("outbox", outbox_task(pool, mqtt_url))
+            supervisor.add("sla", sla_task(pool, settings, clock))
             supervisor.add("http", http_task(app, sock))
             for name, make in (extra_tasks or {}).items():
                 supervisor.add(name, make(pool))

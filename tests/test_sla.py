@@ -21,6 +21,8 @@ from alerting.sla import SlaTimers, sla_task
 from gridwarden.clock import Clock, ManualClock, SystemClock
 from gridwarden.config import Settings
 from gridwarden.db import create_pool
+from gridwarden.embedded import EmbeddedPostgres
+from tests.ingest_helpers import wait_for
 
 T0 = datetime(2030, 3, 1, 8, 0, tzinfo=UTC)
 WAIT_S = 15.0
@@ -326,16 +328,17 @@ async def test_nobody_on_duty_above_keeps_the_case_with_more_time(
     await pool.execute("UPDATE workers SET on_duty = false WHERE id <> 'w-grid'")
     case_id = await open_case(pool, settings, clock)
     clock.advance(60)
+    exhausted = metric("gridwarden_sla_exhausted_total", why="nobody_on_duty")
     assert await timers.tick_once() == 1
+    assert metric("gridwarden_sla_exhausted_total", why="nobody_on_duty") == exhausted + 1
     case = await case_row(pool, case_id)
     assert (case["state"], case["level"], case["assignee"], case["escalations"]) == (
         "dispatched", "grid_worker", "w-grid", 0)  # fmt: skip
     assert case["due_at"] == clock.now() + timedelta(seconds=300)
     last = (await timeline(pool, case_id))[-1]
-    assert last["action"] == "escalation_exhausted"
-    assert last["detail"] == {
-        "missed": "accept", "reason": "deadline missed", "nobody_on_duty_above": "grid_worker",
-    }  # fmt: skip
+    assert (last["action"], last["from_state"], last["to_state"]) == (
+        "escalation_exhausted", "dispatched", "dispatched")  # fmt: skip
+    assert last["detail"] == {"missed": "accept", "reason": "deadline missed"}
     assert await timers.tick_once() == 0  # no escalation on every tick
 
     await pool.execute("UPDATE workers SET on_duty = true WHERE id = 'w-comm'")
@@ -361,7 +364,8 @@ async def test_a_case_nobody_was_on_duty_for_is_dispatched_again_at_its_deadline
     assert await timers.tick_once() == 1
     case = await case_row(pool, case_id)
     assert (case["state"], case["due_at"]) == ("reported", clock.now() + timedelta(seconds=300))
-    assert (await timeline(pool, case_id))[-1]["action"] == "unassigned"
+    last = (await timeline(pool, case_id))[-1]
+    assert (last["action"], last["to_state"]) == ("escalation_exhausted", "reported")
     assert await timers.tick_once() == 0
 
     # The grid leader comes on duty: the next try goes to the next level up.
@@ -390,6 +394,37 @@ async def test_a_reported_case_goes_to_its_own_level_when_only_someone_there_cam
     assert case["due_at"] == clock.now() + timedelta(seconds=300)  # late already: the grace
 
 
+async def test_a_case_given_back_is_not_handed_again_to_who_turned_it_down(
+    pool: asyncpg.Pool, topic_prefix: str
+) -> None:
+    settings = sla_settings(topic_prefix)
+    clock = ManualClock(T0)
+    timers = SlaTimers(pool, settings, clock)
+    await pool.execute("UPDATE workers SET on_duty = false WHERE id <> 'w-grid'")
+    case_id = await open_case(pool, settings, clock)
+    clock.advance(10)
+    async with pool.acquire() as conn, conn.transaction():
+        await act(conn, case_id, "reject", GRID_WORKER, {"reason": "off sick"},
+                  now=clock.now(), topic_prefix=topic_prefix)  # fmt: skip
+    case = await case_row(pool, case_id)
+    assert (case["state"], case["assignee"], case["due_at"]) == (
+        "reported", None, T0 + timedelta(seconds=60))  # fmt: skip
+
+    clock.advance(50)  # the accept deadline: only w-grid is on duty, and they said no
+    assert await timers.tick_once() == 1
+    case = await case_row(pool, case_id)
+    assert (case["state"], case["assignee"]) == ("reported", None)
+    assert case["due_at"] == clock.now() + timedelta(seconds=300)
+    assert [p["reason"] for _, p in await notifications(pool, topic_prefix)] == ["dispatched"]
+
+    await pool.execute("UPDATE workers SET on_duty = true WHERE id = 'w-lead'")
+    clock.advance(300)
+    assert await timers.tick_once() == 1
+    case = await case_row(pool, case_id)
+    assert (case["state"], case["level"], case["assignee"]) == (
+        "dispatched", "grid_leader", "w-lead")  # fmt: skip
+
+
 async def test_one_failing_case_does_not_stall_the_others(
     pool: asyncpg.Pool, topic_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -413,7 +448,11 @@ async def test_one_failing_case_does_not_stall_the_others(
 
 
 async def test_the_timer_survives_a_database_outage(
-    database_url: str, pool: asyncpg.Pool, topic_prefix: str, caplog: pytest.LogCaptureFixture
+    database_url: str,
+    embedded_postgres: EmbeddedPostgres,
+    pool: asyncpg.Pool,
+    topic_prefix: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The timer's connections are cut and the database refuses new ones while a deadline
     passes: the ticks fail (logged), the task keeps going, and the case is escalated as
@@ -425,30 +464,32 @@ async def test_the_timer_survives_a_database_outage(
         database_url, min_size=2, max_size=2, server_settings={"application_name": "sla-test"}
     )
     database = await pool.fetchval("SELECT current_database()")
+    admin = await asyncpg.connect(embedded_postgres.dsn_for("postgres"))
     stop = asyncio.Event()
     running = asyncio.ensure_future(sla_task(timer_pool, settings, clock)(stop))
     try:
         await asyncio.sleep(0.2)
-        await pool.execute(f"ALTER DATABASE {database} ALLOW_CONNECTIONS false")
+        await admin.execute(f"ALTER DATABASE {database} ALLOW_CONNECTIONS false")
         killed = await pool.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
             " WHERE application_name = 'sla-test'"
         )
         assert killed == 2
         clock.advance(60)  # the deadline passes during the outage
-        async with asyncio.timeout(WAIT_S):
-            while "sla timers: database unavailable" not in caplog.text:
-                await asyncio.sleep(0.05)
+        await wait_for(
+            lambda: asyncio.sleep(0, caplog.text), lambda text: "database unavailable" in text
+        )
         await asyncio.sleep(0.3)  # a few more failed ticks
         assert not running.done()
         assert (await case_row(pool, case_id))["escalations"] == 0
-        await pool.execute(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
+        await admin.execute(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
         async with asyncio.timeout(WAIT_S):
             while (await case_row(pool, case_id))["escalations"] == 0:
                 assert not running.done()
                 await asyncio.sleep(0.05)
     finally:
-        await pool.execute(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
+        await admin.execute(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
+        await admin.close()
         stop.set()
         async with asyncio.timeout(WAIT_S):
             await running
