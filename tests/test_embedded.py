@@ -152,6 +152,8 @@ def test_a_taken_port_moves_the_cluster_to_a_free_one(services_root: Path) -> No
         old_port = postgres.port
         assert old_port is not None
         with socket.socket() as squatter:
+            # SO_REUSEADDR: the old server's connections may linger in TIME_WAIT.
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             squatter.bind(("127.0.0.1", old_port))
             squatter.listen()
             new_dsn = postgres.start()
