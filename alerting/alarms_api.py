@@ -6,6 +6,14 @@ the alarm's whole current state, so a client that reconnects is brought up to da
 replaying the alarms changed since its `Last-Event-ID` (the alarm's `updated_at`) rather
 than every intermediate change.
 
+The same connection also LISTENs on `gw_case` (`alerting.cases.add_event`): each committed
+case change is sent as `event: case`, `data:` the case (as `GET /api/cases` lists it,
+without the timeline) plus `"change"`, the latest timeline action. Case events are live
+only: they carry no `id:` (a client's `Last-Event-ID` stays the last alarm's, so alarm
+replays work as before) and are not replayed; a console that reconnects re-reads
+`GET /api/cases`. EventSource clients receive only the event types they listen to, so
+`alarm` listeners see exactly what they saw before.
+
 Wiring (service.py):
 
     feed = AlarmFeed(pool)
@@ -40,6 +48,7 @@ from alerting.alarm_json import (
     announce_alarm,
     iso,
 )
+from alerting.cases import CASE_CHANNEL, case_json
 from gridwarden.auth import Principal
 from gridwarden.db import query
 from gridwarden.web import AppState, get_state, require_role
@@ -174,6 +183,10 @@ class StreamFilter:
             return False
         return self.cells is None or alarm["cell_id"] in self.cells
 
+    def wants_case(self, case: dict[str, Any]) -> bool:
+        """Cases follow the cell filter only (`severity` is about alarms)."""
+        return self.cells is None or case["cell_id"] in self.cells
+
 
 class _Subscriber:
     """One open stream: a bounded backlog of encoded events."""
@@ -186,7 +199,15 @@ class _Subscriber:
         self.closed = False
 
     def push(self, alarm: dict[str, Any], event: bytes) -> None:
-        if self.closed or not self.filter.wants(alarm):
+        if self.filter.wants(alarm):
+            self._queue(event)
+
+    def push_case(self, case: dict[str, Any], event: bytes) -> None:
+        if self.filter.wants_case(case):
+            self._queue(event)
+
+    def _queue(self, event: bytes) -> None:
+        if self.closed:
             return
         if len(self._events) >= self._backlog:
             log.warning("alarm stream fell %d events behind; closing it", self._backlog)
@@ -222,13 +243,18 @@ def sse_event(row: Any) -> tuple[dict[str, Any], bytes]:
     return alarm, (f"id: {event_id}\nevent: alarm\ndata: ".encode() + orjson.dumps(alarm) + b"\n\n")
 
 
+def case_event(case: dict[str, Any]) -> bytes:
+    """A case's JSON (with `change`) → its `event: case` block (no `id:`: not replayed)."""
+    return b"event: case\ndata: " + orjson.dumps(case) + b"\n\n"
+
+
 class FeedClosed(Exception):
     pass
 
 
 class AlarmFeed:
-    """`LISTEN gw_alarm` on one pooled connection; each notified alarm is read once and
-    sent to every open stream whose filter it matches.
+    """`LISTEN gw_alarm` and `gw_case` on one pooled connection; each notified alarm or
+    case is read once and sent to every open stream whose filter it matches.
 
     Reconnects (with backoff) when the database connection is lost, and then resends
     the alarms changed while it was away. On stop every stream ends, so the HTTP server
@@ -246,6 +272,7 @@ class AlarmFeed:
         self._backlog = backlog
         self._subscribers: set[_Subscriber] = set()
         self._pending: list[int] = []
+        self._pending_cases: list[int] = []
         self._wake = asyncio.Event()
         self._closed = False
         self._caught_up = False
@@ -306,6 +333,7 @@ class AlarmFeed:
             conn.add_termination_listener(on_lost)
             try:
                 await conn.add_listener(ALARM_CHANNEL, self._on_notify)
+                await conn.add_listener(CASE_CHANNEL, self._on_notify)
                 self.listening.set()
                 if missed_since is not None:  # what changed while nobody was listening
                     rows = await conn.fetch(query("alarms_changed_since"), missed_since, REPLAY_MAX)
@@ -315,23 +343,28 @@ class AlarmFeed:
                     await self._wake.wait()
                     self._wake.clear()
                     ids, self._pending = self._pending, []
+                    case_ids, self._pending_cases = self._pending_cases, []
                     if ids and self._subscribers:
                         rows = await conn.fetch(query("alarms_by_ids"), list(dict.fromkeys(ids)))
                         by_id = {r["id"]: r for r in rows}
                         self._fan_out(by_id[i] for i in dict.fromkeys(ids) if i in by_id)
+                    if case_ids and self._subscribers:
+                        await self._fan_out_cases(conn, list(dict.fromkeys(case_ids)))
             finally:
                 self.listening.clear()
                 conn.remove_termination_listener(on_lost)
-                if not conn.is_closed():
-                    with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError):
-                        await conn.remove_listener(ALARM_CHANNEL, self._on_notify)
+                for channel in (ALARM_CHANNEL, CASE_CHANNEL):
+                    if not conn.is_closed():
+                        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError):
+                            await conn.remove_listener(channel, self._on_notify)
 
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+    def _on_notify(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
         try:
-            self._pending.append(int(payload))
+            item = int(payload)
         except ValueError:
-            log.warning("ignoring %s notification with payload %r", ALARM_CHANNEL, payload)
+            log.warning("ignoring %s notification with payload %r", channel, payload)
             return
+        (self._pending_cases if channel == CASE_CHANNEL else self._pending).append(item)
         self._wake.set()
 
     def _fan_out(self, rows: Iterable[Any]) -> None:
@@ -339,6 +372,18 @@ class AlarmFeed:
             alarm, event = sse_event(row)
             for subscriber in list(self._subscribers):
                 subscriber.push(alarm, event)
+
+    async def _fan_out_cases(self, conn: asyncpg.Connection, ids: list[int]) -> None:
+        rows = await conn.fetch(query("cases_feed_by_ids"), ids)
+        by_id = {r["id"]: r for r in rows}
+        for case_id in ids:
+            row = by_id.get(case_id)
+            if row is None:
+                continue
+            case = {**await case_json(conn, row, timeline=False), "change": row["change"]}
+            event = case_event(case)
+            for subscriber in list(self._subscribers):
+                subscriber.push_case(case, event)
 
 
 def _parse_event_id(value: str | None) -> datetime | None:
@@ -364,7 +409,9 @@ async def stream(
     ] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
-    """Server-Sent Events: `event: alarm`, `data:` the alarm's JSON, once per change."""
+    """Server-Sent Events: `event: alarm`, `data:` the alarm's JSON, once per change; and
+    `event: case`, `data:` the case's JSON (no timeline) plus `change`, once per committed
+    case change (live only). `cell` filters both; `severity` filters alarms."""
     severities = parse_enum_list("severity", severity, SEVERITIES)
     if since is not None and since.tzinfo is None:
         raise HTTPException(422, "since needs a UTC offset (RFC 3339)")

@@ -36,6 +36,7 @@ LEVEL_ROLES: dict[str, list[str]] = {
     "street_staff": ["street_staff"],
 }
 SUPERVISOR_ROLES = ("grid_leader", "community_staff", "street_staff")
+CASE_CHANNEL = "gw_case"  # payload: the case id; see `add_event`
 STEP_AFTER = {"dispatched": "accept", "accepted": "arrive", "on_site": "resolve"}
 
 Action = Literal[
@@ -73,6 +74,14 @@ class CaseError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Where worker notifications go: the MQTT topic prefix and, optionally, a webhook."""
+
+    topic_prefix: str
+    webhook_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,7 @@ async def open_case_for_alarm(
     policy: dict[str, int],
     topic_prefix: str,
     now: datetime,
+    webhook_url: str | None = None,
 ) -> int | None:
     """Open a case for a raised alarm, or join the incident's open case."""
     cell_id = alarm["cell_id"]
@@ -147,7 +157,8 @@ async def open_case_for_alarm(
     if case["inserted"]:
         await add_event(conn, case["id"], now, SYSTEM, "reported", None, "reported",
                         {"alarm_id": alarm["id"], "rule": alarm["rule"]})  # fmt: skip
-        await dispatch(conn, case, now=now, topic_prefix=topic_prefix, reason="dispatched")
+        await dispatch(conn, case, now=now, topic_prefix=topic_prefix, reason="dispatched",
+                       webhook_url=webhook_url)  # fmt: skip
     else:
         joined = {"alarm_id": alarm["id"], "rule": alarm["rule"]}
         await add_event(conn, case["id"], now, SYSTEM, "alarm_joined", case["state"],
@@ -169,6 +180,7 @@ async def open_case_for_report(
     reporter: Actor,
     topic_prefix: str,
     now: datetime,
+    webhook_url: str | None = None,
 ) -> asyncpg.Record:
     case = await conn.fetchrow(
         query("case_open_or_join"),
@@ -180,7 +192,8 @@ async def open_case_for_report(
         return case  # the same report again: it already has its case
     await add_event(conn, case["id"], now, reporter, "reported", None, "reported",
                     {"category": category})  # fmt: skip
-    return await dispatch(conn, case, now=now, topic_prefix=topic_prefix, reason="dispatched")
+    return await dispatch(conn, case, now=now, topic_prefix=topic_prefix, reason="dispatched",
+                          webhook_url=webhook_url)  # fmt: skip
 
 
 # -- assignment ----------------------------------------------------------------------------
@@ -206,6 +219,7 @@ async def dispatch(
     worker_id: str | None = None,
     actor: Actor = SYSTEM,
     exclude: list[str] | None = None,
+    webhook_url: str | None = None,
 ) -> asyncpg.Record:
     """Give the case to a person (the given worker, or the best candidate from `level`
     up) with its accept deadline; notify them. Without anyone it stays `reported`."""
@@ -238,7 +252,7 @@ async def dispatch(
     await conn.execute(query("worker_touch_assigned"), worker["id"], now)
     await add_event(conn, case["id"], now, actor, reason, case["state"], "dispatched",
                     {"assignee": worker["id"], "level": level})  # fmt: skip
-    await notify_worker(conn, updated, worker["id"], reason, topic_prefix)
+    await notify_worker(conn, updated, worker["id"], reason, topic_prefix, webhook_url)
     return updated
 
 
@@ -277,6 +291,9 @@ async def add_event(
     to_state: str | None,
     detail: dict[str, Any] | None = None,
 ) -> None:
+    """Append to the case's timeline and tell the operators' live feed: the same statement
+    runs `pg_notify('gw_case', <case id>)`, delivered on commit (`AlarmFeed` sends the case
+    as an `event: case` on `GET /api/alarms/stream`)."""
     await conn.execute(
         query("case_event_add"), case_id, at, actor.name, action, from_state, to_state,
         orjson.dumps(detail or {}).decode(),
@@ -288,9 +305,16 @@ def worker_topic(topic_prefix: str, worker_id: str) -> str:
 
 
 async def notify_worker(
-    conn: asyncpg.Connection, case: asyncpg.Record, worker_id: str, reason: str, topic_prefix: str
+    conn: asyncpg.Connection,
+    case: asyncpg.Record,
+    worker_id: str,
+    reason: str,
+    topic_prefix: str,
+    webhook_url: str | None = None,
 ) -> None:
-    """CONTRACT §6: one QoS-1 message on the worker's topic, through the outbox."""
+    """CONTRACT §6: one QoS-1 message on the worker's topic, through the outbox; with a
+    `webhook_url`, also a webhook row (the same payload plus `worker_id`) that the outbox
+    publisher POSTs there."""
     policy = _policy(case)
     created = case["created_at"]
     payload = {
@@ -315,6 +339,9 @@ async def notify_worker(
     await conn.execute(
         query("outbox_add"), worker_topic(topic_prefix, worker_id), orjson.dumps(payload).decode()
     )
+    if webhook_url is not None:
+        body = {"worker_id": worker_id, **payload}
+        await conn.execute(query("outbox_add_webhook"), webhook_url, orjson.dumps(body).decode())
     await conn.execute(query("outbox_wake"))
 
 
@@ -340,6 +367,7 @@ async def act(
     *,
     now: datetime,
     topic_prefix: str,
+    webhook_url: str | None = None,
 ) -> asyncpg.Record:
     """Apply one action of CONTRACT §5 to a case; raises CaseError when refused."""
     transition = TRANSITIONS.get(action)
@@ -368,7 +396,7 @@ async def act(
             f"(only from {', '.join(transition.allowed_from)})",
         )  # fmt: skip
     handler = _HANDLERS[action]
-    return await handler(conn, case, actor, body, now, topic_prefix)
+    return await handler(conn, case, actor, body, now, Notify(topic_prefix, webhook_url))
 
 
 def _text(body: dict[str, Any], key: str, *, required: bool, limit: int = 2000) -> str | None:
@@ -420,7 +448,7 @@ async def _accept(
     actor: Actor,
     body: dict[str, Any],
     now: datetime,
-    prefix: str,
+    notify: Notify,
 ) -> asyncpg.Record:
     return await _step(conn, case, actor, "accept", "accepted", now, {"accepted_at": now})
 
@@ -431,7 +459,7 @@ async def _arrive(
     actor: Actor,
     body: dict[str, Any],
     now: datetime,
-    prefix: str,
+    notify: Notify,
 ) -> asyncpg.Record:
     return await _step(conn, case, actor, "arrive", "on_site", now, {"arrived_at": now})
 
@@ -442,7 +470,7 @@ async def _resolve(
     actor: Actor,
     body: dict[str, Any],
     now: datetime,
-    prefix: str,
+    notify: Notify,
 ) -> asyncpg.Record:
     note = _text(body, "note", required=True)
     return await _step(conn, case, actor, "resolve", "resolved", now,
@@ -456,7 +484,7 @@ async def _verify(
     actor: Actor,
     body: dict[str, Any],
     now: datetime,
-    prefix: str,
+    notify: Notify,
 ) -> asyncpg.Record:
     if actor.name == case["resolved_by"] or actor.worker_id == case["assignee"]:
         raise CaseError(403, "the verifier must not be the worker who resolved it")
@@ -471,11 +499,11 @@ async def _archive(
     actor: Actor,
     body: dict[str, Any],
     now: datetime,
-    prefix: str,
+    notify: Notify,
 ) -> asyncpg.Record:
     row = await _step(conn, case, actor, "archive", "archived", now, {"archived_at": now})
     for alarm in await conn.fetch(query("case_close_alarms"), case["id"], now):
-        await announce_alarm(conn, alarm, "closed", prefix)
+        await announce_alarm(conn, alarm, "closed", notify.topic_prefix)
     return row
 
 
@@ -485,7 +513,7 @@ async def _rate(
     actor: Actor,
     body: dict[str, Any],
     now: datetime,
-    prefix: str,
+    notify: Notify,
 ) -> asyncpg.Record:
     if case["rating"] is not None:
         raise CaseError(409, f"case {case['id']} is already rated")
@@ -504,7 +532,7 @@ async def _reject(
     actor: Actor,
     body: dict[str, Any],
     now: datetime,
-    prefix: str,
+    notify: Notify,
 ) -> asyncpg.Record:
     reason = _text(body, "reason", required=True)
     rejected = [*case["rejected_by"], case["assignee"]] if case["assignee"] else case["rejected_by"]
@@ -512,8 +540,9 @@ async def _reject(
     await add_event(conn, case["id"], now, actor, "reject", case["state"], case["state"],
                     {"reason": reason})  # fmt: skip
     fresh = await conn.fetchrow(query("case_get"), case["id"])
-    return await dispatch(conn, fresh, now=now, topic_prefix=prefix, reason="reassigned",
-                          exclude=rejected)  # fmt: skip
+    return await dispatch(conn, fresh, now=now, topic_prefix=notify.topic_prefix,
+                          reason="reassigned", exclude=rejected,
+                          webhook_url=notify.webhook_url)  # fmt: skip
 
 
 async def _reopen(
@@ -522,15 +551,16 @@ async def _reopen(
     actor: Actor,
     body: dict[str, Any],
     now: datetime,
-    prefix: str,
+    notify: Notify,
 ) -> asyncpg.Record:
     reason = _text(body, "reason", required=True)
     await add_event(conn, case["id"], now, actor, "reopen", case["state"], "dispatched",
                     {"reason": reason})  # fmt: skip
     await conn.execute(query("case_reopen_reset"), case["id"])
     fresh = await conn.fetchrow(query("case_get"), case["id"])
-    return await dispatch(conn, fresh, now=now, topic_prefix=prefix, reason="reopened",
-                          worker_id=case["assignee"], actor=actor)  # fmt: skip
+    return await dispatch(conn, fresh, now=now, topic_prefix=notify.topic_prefix,
+                          reason="reopened", worker_id=case["assignee"], actor=actor,
+                          webhook_url=notify.webhook_url)  # fmt: skip
 
 
 async def _reassign(
@@ -539,11 +569,12 @@ async def _reassign(
     actor: Actor,
     body: dict[str, Any],
     now: datetime,
-    prefix: str,
+    notify: Notify,
 ) -> asyncpg.Record:
     worker_id = _text(body, "worker_id", required=True, limit=64)
-    return await dispatch(conn, case, now=now, topic_prefix=prefix, reason="reassigned",
-                          worker_id=worker_id, actor=actor)  # fmt: skip
+    return await dispatch(conn, case, now=now, topic_prefix=notify.topic_prefix,
+                          reason="reassigned", worker_id=worker_id, actor=actor,
+                          webhook_url=notify.webhook_url)  # fmt: skip
 
 
 async def _escalate(
@@ -552,10 +583,11 @@ async def _escalate(
     actor: Actor,
     body: dict[str, Any],
     now: datetime,
-    prefix: str,
+    notify: Notify,
 ) -> asyncpg.Record:
-    return await escalate(conn, case, actor, now, prefix, reason=_text(body, "reason",
-                                                                       required=False))  # fmt: skip
+    return await escalate(conn, case, actor, now, notify.topic_prefix,
+                          reason=_text(body, "reason", required=False),
+                          webhook_url=notify.webhook_url)  # fmt: skip
 
 
 async def escalate(
@@ -567,6 +599,7 @@ async def escalate(
     *,
     reason: str | None,
     missed: str | None = None,
+    webhook_url: str | None = None,
 ) -> asyncpg.Record:
     """One level up the hierarchy (grid worker → grid leader → community → street)."""
     index = LEVELS.index(case["level"])
@@ -591,11 +624,11 @@ async def escalate(
                     {"from_level": case["level"], "to_level": level,
                      "missed": missed, "reason": reason})  # fmt: skip
     return await dispatch(conn, fresh, now=now, topic_prefix=topic_prefix, reason="escalated",
-                          worker_id=worker["id"], actor=actor)  # fmt: skip
+                          worker_id=worker["id"], actor=actor, webhook_url=webhook_url)  # fmt: skip
 
 
 Handler = Callable[
-    [asyncpg.Connection, asyncpg.Record, Actor, dict[str, Any], datetime, str],
+    [asyncpg.Connection, asyncpg.Record, Actor, dict[str, Any], datetime, Notify],
     Awaitable[asyncpg.Record],
 ]
 _HANDLERS: dict[str, Handler] = {
@@ -654,6 +687,7 @@ def case_opener(settings: Settings, clock: Clock) -> OnRaised:
             policy=settings.sla_policy(alarm["severity"]),
             topic_prefix=settings.topic_prefix,
             now=clock.now(),
+            webhook_url=settings.webhook_url,
         )
 
     return on_raised

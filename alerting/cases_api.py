@@ -201,6 +201,7 @@ async def case_action(
                 body,
                 now=wiring.clock.now(),
                 topic_prefix=wiring.settings.topic_prefix,
+                webhook_url=wiring.settings.webhook_url,
             )
             return await case_json(conn, row, timeline=True)
     except CaseError as exc:  # raised inside the transaction: it rolled back
@@ -248,6 +249,7 @@ async def report(body: ReportIn, principal: Anyone, state: State, wiring: Wiring
             reporter=reporter,
             topic_prefix=wiring.settings.topic_prefix,
             now=wiring.clock.now(),
+            webhook_url=wiring.settings.webhook_url,
         )
         return await case_json(conn, row, timeline=True)
 

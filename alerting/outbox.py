@@ -22,6 +22,13 @@ Guarantees:
   the successful one included.
 - Published rows are deleted after `retention_s` (7 days).
 
+Webhook rows (`channel = 'webhook'`, written by `alerting.cases.notify_worker` when
+`webhook_url` is set; `topic` is the URL) are POSTed as JSON with the header
+`X-Gridwarden-Outbox-Id` (the row id, for dropping repeats: at least once, as above), with
+a 10 s timeout. Any 2xx marks the row published; an error or another status counts an
+attempt and holds the row back for 0.2 s, 0.4 s, ... up to `retry_max_s` (30 s) while the
+rows after it go on. They have their own loop, claim and backoff (see `run`).
+
 aiomqtt 2.5's `publish(qos=1)` returns once paho has seen the PUBACK (`on_publish` is
 called from paho's PUBACK handler) and raises after `timeout` without one; it ignores the
 PUBACK's reason code, which `_OutboxClient` captures.
@@ -39,6 +46,7 @@ from typing import Any
 
 import aiomqtt
 import asyncpg
+import httpx
 import orjson
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -62,12 +70,18 @@ RETENTION_S = 7 * 86400.0
 PRUNE_EVERY_S = 600.0
 PRUNE_BATCH = 10_000
 OUTBOX_ID_PROPERTY = "gw-outbox-id"
+OUTBOX_ID_HEADER = "X-Gridwarden-Outbox-Id"
+WEBHOOK_TIMEOUT_S = 10.0
 
 PUBLISHED = Counter("gridwarden_outbox_published_total", "Outbox messages the broker acknowledged")
 FAILURES = Counter(
     "gridwarden_outbox_failures_total",
-    "Outbox publish failures (broker: unreachable or no PUBACK; rejected: refused by it)",
+    "Outbox publish failures (broker: unreachable or no PUBACK; rejected: refused by it; "
+    "webhook: a webhook POST failed or was not answered with a 2xx)",
     ["reason"],
+)
+WEBHOOKS_POSTED = Counter(
+    "gridwarden_outbox_webhooks_posted_total", "Outbox rows a webhook answered with a 2xx"
 )
 LAG = Gauge("gridwarden_outbox_lag_seconds", "Age of the oldest unpublished outbox row")
 
@@ -80,6 +94,12 @@ class _BrokerDown(Exception):
 
 class _Rejected(Exception):
     pass
+
+
+class _WebhookFailed(Exception):
+    def __init__(self, message: str, *, unreachable: bool) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable  # no answer at all: the rows after it wait too
 
 
 class _OutboxClient(aiomqtt.Client):
@@ -128,6 +148,7 @@ class OutboxPublisher:
         publish_timeout_s: float = PUBLISH_TIMEOUT_S,
         retry_max_s: float = RETRY_MAX_S,
         retention_s: float | None = RETENTION_S,
+        webhook_timeout_s: float = WEBHOOK_TIMEOUT_S,
     ) -> None:
         if batch < 1:
             raise ValueError("batch must be at least 1")
@@ -138,21 +159,39 @@ class OutboxPublisher:
         self.publish_timeout_s = publish_timeout_s
         self.retry_max_s = retry_max_s
         self.retention_s = retention_s
+        self.webhook_timeout_s = webhook_timeout_s
         self._client: _OutboxClient | None = None
         self._listener: Any = None  # a pooled connection LISTENing on gw_outbox
         self._wake = asyncio.Event()
         self._held: dict[int, float] = {}  # refused row id → monotonic time of its next try
+        self._webhook_wake = asyncio.Event()
+        self._webhook_held: dict[int, float] = {}  # failed webhook row id → its next try
+        self._http: httpx.AsyncClient | None = None
 
     def is_connected(self) -> bool:
         """Connected to the broker (it connects when there is something to publish)."""
         return self._client is not None and self._client.is_connected()
 
     async def run(self, stop: asyncio.Event) -> None:
+        """MQTT rows and webhook rows in two loops, each with its own claim (by channel) and
+        backoff: a webhook that is down or slow (up to 10 s a POST) never holds back the
+        workers' MQTT messages, nor a broker outage the webhooks. One task group, so a
+        failure of either loop stops the publisher (and the supervisor hears of it)."""
+
         async def wake_on_stop() -> None:
             await stop.wait()
             self._wake.set()
+            self._webhook_wake.set()
 
         watcher = asyncio.create_task(wake_on_stop(), name="outbox-stop")
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._run_mqtt(stop), name="outbox-mqtt")
+                group.create_task(self._run_webhooks(stop), name="outbox-webhooks")
+        finally:
+            watcher.cancel()
+
+    async def _run_mqtt(self, stop: asyncio.Event) -> None:
         delay = RETRY_MIN_S
         next_prune = time.monotonic()
         try:
@@ -179,7 +218,6 @@ class OutboxPublisher:
                             await stop.wait()
                     delay = min(delay * 2, self.retry_max_s)
         finally:
-            watcher.cancel()
             await self._release_listener()
             await self._disconnect()
 
@@ -199,7 +237,7 @@ class OutboxPublisher:
         now = time.monotonic()
         self._held = {i: t for i, t in self._held.items() if t > now}
         async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(query("outbox_claim"), self.batch, list(self._held))
+            rows = await conn.fetch(query("outbox_claim"), self.batch, list(self._held), "mqtt")
             if not rows:
                 return 0, False
             done: list[int] = []
@@ -286,6 +324,82 @@ class OutboxPublisher:
             log.debug("outbox: unclean disconnect: %s", exc)
         client.forget_disconnection()
 
+    # -- webhooks
+
+    async def _run_webhooks(self, stop: asyncio.Event) -> None:
+        delay = RETRY_MIN_S
+        try:
+            while not stop.is_set():
+                self._webhook_wake.clear()
+                try:
+                    while await self._webhook_round() and not stop.is_set():
+                        pass
+                except _DB_ERRORS as exc:
+                    log.warning("outbox: database unavailable for webhooks: %r", exc)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await stop.wait()
+                    delay = min(delay * 2, self.retry_max_s)
+                    continue
+                delay = RETRY_MIN_S
+                # Held rows are retried by the first round after their time (poll_s grain).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_s):
+                        await self._webhook_wake.wait()
+        finally:
+            http, self._http = self._http, None
+            if http is not None:
+                await http.aclose()
+
+    async def _webhook_round(self) -> bool:
+        """POST one batch of webhook rows in one transaction; True if there may be more."""
+        now = time.monotonic()
+        self._webhook_held = {i: t for i, t in self._webhook_held.items() if t > now}
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                query("outbox_claim"), self.batch, list(self._webhook_held), "webhook"
+            )
+            done: list[int] = []
+            failed: list[int] = []
+            unreachable = False
+            for row in rows:
+                try:
+                    await self._post(row)
+                except _WebhookFailed as exc:
+                    FAILURES.labels("webhook").inc()
+                    wait = min(RETRY_MIN_S * 2 ** row["attempts"], self.retry_max_s)
+                    log.warning(
+                        "outbox row %s: webhook %s failed: %s; retrying in %.1fs",
+                        row["id"], row["topic"], exc, wait,
+                    )  # fmt: skip
+                    self._webhook_held[row["id"]] = time.monotonic() + wait
+                    failed.append(row["id"])
+                    if exc.unreachable:  # no answer: not worth a timeout per row now
+                        unreachable = True
+                        break
+                else:
+                    done.append(row["id"])
+            if done:
+                await conn.execute(query("outbox_mark_published"), done)
+            if failed:
+                await conn.execute(query("outbox_mark_failed"), failed)
+        WEBHOOKS_POSTED.inc(len(done))
+        return len(rows) == self.batch and not unreachable
+
+    async def _post(self, row: Any) -> None:
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=self.webhook_timeout_s)
+        headers = {"Content-Type": "application/json", OUTBOX_ID_HEADER: str(row["id"])}
+        body = orjson.dumps(orjson.loads(row["payload"]))
+        try:
+            response = await self._http.post(row["topic"], content=body, headers=headers)
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:  # this row's URL
+            raise _WebhookFailed(f"bad URL: {exc}", unreachable=False) from exc
+        except httpx.HTTPError as exc:  # connection refused, timeout, broken response
+            raise _WebhookFailed(str(exc) or repr(exc), unreachable=True) from exc
+        if not response.is_success:
+            raise _WebhookFailed(f"answered HTTP {response.status_code}", unreachable=False)
+
     # -- database side
 
     async def _ensure_listener(self) -> None:
@@ -317,6 +431,7 @@ class OutboxPublisher:
 
     def _on_notify(self, *_: Any) -> None:
         self._wake.set()
+        self._webhook_wake.set()
 
     async def _measure_lag(self) -> None:
         with contextlib.suppress(*_DB_ERRORS):

@@ -149,7 +149,7 @@ class SlaTimers:
         if state not in OPEN_STATES:
             await conn.execute(query("sla_clear_due"), case_id)
             return 0
-        prefix = self.settings.topic_prefix
+        prefix, webhook = self.settings.topic_prefix, self.settings.webhook_url
         missed = case["due_step"] or "accept"  # a `reported` case waits to be accepted
         top = LEVELS.index(level) + 1 >= len(LEVELS)
         if state == "reported" and not top and await self._only_own_level(conn, case):
@@ -157,13 +157,15 @@ class SlaTimers:
             # down) came on duty since: better theirs, late, than nobody's.
             rejected = list(case["rejected_by"])
             updated = await dispatch(
-                conn, case, now=now, topic_prefix=prefix, reason="dispatched", exclude=rejected
-            )
+                conn, case, now=now, topic_prefix=prefix, reason="dispatched", exclude=rejected,
+                webhook_url=webhook,
+            )  # fmt: skip
             log.info("sla: unassigned case %s dispatched to %s", case_id, updated["assignee"])
         else:
             # Up one level; at the top or with nobody on duty above, `escalate` keeps the
             # case where it is with the escalation grace (`escalation_exhausted`).
-            updated = await escalate(conn, case, SYSTEM, now, prefix, reason=REASON, missed=missed)
+            updated = await escalate(conn, case, SYSTEM, now, prefix, reason=REASON, missed=missed,
+                                     webhook_url=webhook)  # fmt: skip
             if updated["escalations"] > case["escalations"]:
                 ESCALATIONS.labels(updated["level"]).inc()
                 log.info(

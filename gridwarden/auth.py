@@ -1,10 +1,13 @@
-"""API tokens (CONTRACT §5): bearer tokens, stored only as SHA-256 hashes."""
+"""API tokens (CONTRACT §5): bearer tokens, stored only as SHA-256 hashes; and browser
+sessions, which a token is exchanged for at `POST /login` (ids likewise stored only as
+SHA-256 hashes)."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 import asyncpg
@@ -13,6 +16,9 @@ from gridwarden.db import query
 
 Role = Literal["operator", "worker", "admin"]
 TOKEN_PREFIX = "gw_"
+MAX_TOKEN_LENGTH = 128
+SESSION_ID_BYTES = 32  # 256 bits from the OS's CSPRNG
+MAX_SESSION_ID_LENGTH = 128
 
 
 @dataclass(frozen=True)
@@ -40,9 +46,50 @@ async def create_token(
 
 
 async def principal_for(conn: asyncpg.Connection | asyncpg.Pool, token: str) -> Principal | None:
-    if not token.startswith(TOKEN_PREFIX) or len(token) > 128:
+    if not token.startswith(TOKEN_PREFIX) or len(token) > MAX_TOKEN_LENGTH:
         return None
+    # Looked up by its hash: the secret itself is never compared byte by byte (no timing
+    # side channel), and an index probe on a SHA-256 leaks nothing usable about a token
+    # that is 256 bits of randomness.
     row = await conn.fetchrow(query("token_by_hash"), hash_token(token))
     if row is None:
         return None
     return Principal(row["id"], row["role"], row["worker_id"])
+
+
+@dataclass(frozen=True)
+class Session:
+    """A browser session just opened: the cookie value (shown once) and its expiry."""
+
+    session_id: str
+    expires_at: datetime
+
+
+async def create_session(
+    conn: asyncpg.Connection | asyncpg.Pool, principal: Principal, ttl_s: int
+) -> Session:
+    """A new session for the token behind `principal`; only its hash is stored."""
+    session_id = secrets.token_urlsafe(SESSION_ID_BYTES)
+    await conn.execute(query("web_sessions_prune"))
+    expires_at = await conn.fetchval(
+        query("web_session_create"), hash_token(session_id), principal.token_id, ttl_s
+    )
+    return Session(session_id, expires_at)
+
+
+async def principal_for_session(
+    conn: asyncpg.Connection | asyncpg.Pool, session_id: str
+) -> Principal | None:
+    """The principal of a live session (not expired, its token not revoked), or None.
+    Like tokens, looked up by hash: no comparison of secrets."""
+    if not session_id or len(session_id) > MAX_SESSION_ID_LENGTH:
+        return None
+    row = await conn.fetchrow(query("web_session_principal"), hash_token(session_id))
+    if row is None:
+        return None
+    return Principal(row["id"], row["role"], row["worker_id"])
+
+
+async def delete_session(conn: asyncpg.Connection | asyncpg.Pool, session_id: str) -> None:
+    if session_id and len(session_id) <= MAX_SESSION_ID_LENGTH:
+        await conn.execute(query("web_session_delete"), hash_token(session_id))

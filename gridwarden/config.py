@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -85,9 +87,21 @@ class Settings(BaseSettings):
     sla_warning_resolve_s: int = Field(default=72 * 3600, gt=0)
     sla_warning_escalate_s: int = Field(default=4 * 3600, gt=0)
     sla_tick_s: float = Field(default=1.0, gt=0, le=5, description="SLA timer resolution")
+    webhook_url: str | None = Field(
+        default=None,
+        description="http(s):// URL each worker notification is also POSTed to; unset: none",
+    )
     credential_hash_key: str = Field(
         default="gridwarden-dev-key", description="key for hashing card numbers; set in production"
     )
+    # Web consoles: the city's time zone for display (times in the API stay UTC), the
+    # lifetime of a browser session, and the limit on failed logins per client address.
+    timezone: str = Field(
+        default="Asia/Shanghai", description="IANA time zone the pages display times in"
+    )
+    session_ttl_s: int = Field(default=12 * 3600, ge=60, le=30 * 86400)
+    login_max_failures: int = Field(default=10, ge=1, le=10_000)
+    login_window_s: int = Field(default=300, ge=1, le=86400)
 
     def sla_policy(self, priority: str) -> dict[str, int]:
         """The SLA targets for one priority, as stored in each case's policy snapshot."""
@@ -108,6 +122,25 @@ class Settings(BaseSettings):
     def _mqtt_scheme(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("mqtt://", "mqtts://")):
             raise ValueError("must start with mqtt:// or mqtts://")
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("must be an IANA time zone such as Asia/Shanghai") from None
         return value
 
     @classmethod

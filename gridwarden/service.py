@@ -18,7 +18,7 @@ from gridwarden.db import create_pool
 from gridwarden.migrate import migrate
 from gridwarden.mqtt_url import parse_mqtt_url
 from gridwarden.supervisor import Supervisor, TaskFn
-from gridwarden.web import AppState, create_app
+from gridwarden.web import AppState, WebConfig, create_app
 
 if TYPE_CHECKING:
     from rules.spec import RuleSet
@@ -100,7 +100,9 @@ async def run_service(
     from alerting.cases import case_opener
     from alerting.cases_api import attach_cases
     from alerting.cases_api import router as cases_router
+    from alerting.cells_api import router as cells_router
     from alerting.outbox import outbox_task
+    from alerting.pages import attach_pages
     from alerting.sla import sla_task
     from gridwarden.clock import SystemClock
     from ingest.api import router as ingest_router
@@ -129,9 +131,13 @@ async def run_service(
                     "database": database_check(pool),
                     "broker": broker_check(ingest.source.is_connected),
                 },
+                web=WebConfig.from_settings(settings),
             )
             clock = SystemClock()
-            app = create_app(state, routers=[ingest_router, alarms_router, cases_router])
+            app = create_app(
+                state, routers=[ingest_router, alarms_router, cases_router, cells_router]
+            )
+            attach_pages(app)
             attach_cases(app, settings=settings, clock=clock)
             feed = AlarmFeed(pool)
             attach_alarms(app, feed=feed, topic_prefix=settings.topic_prefix)

@@ -1,29 +1,170 @@
-"""The HTTP application: health, readiness, metrics, authentication; the packages
-add their routers (`ingest.api`, later rules and alerting)."""
+"""The HTTP application: health, readiness, metrics, authentication and browser sessions;
+the packages add their routers (`ingest.api`, `alerting.*_api`, `alerting.pages`).
+
+Authentication (CONTRACT §5): `Authorization: Bearer <token>`, or the `gw_session`
+cookie that `POST /login` hands out in exchange for a token (a browser's EventSource
+cannot send headers; the cookie is what makes the SSE feed work in a page). Requests that
+change state (any method but GET, HEAD, OPTIONS) authenticated by the cookie must carry
+`X-Requested-With: gridwarden`: a cross-site form cannot set that header, so on top of
+`SameSite=Strict` a forged request gets 403. Bearer requests are exempt (a browser never
+adds an Authorization header by itself).
+"""
 
 from __future__ import annotations
 
+import html
+import ipaddress
+import math
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
-from fastapi import Depends, FastAPI, HTTPException, Request
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gridwarden import __version__
-from gridwarden.auth import Principal, Role, principal_for
+from gridwarden.auth import (
+    Principal,
+    Role,
+    create_session,
+    delete_session,
+    principal_for,
+    principal_for_session,
+)
+from gridwarden.db import query
+
+if TYPE_CHECKING:
+    from gridwarden.config import Settings
 
 ReadinessCheck = Callable[[], Awaitable[str | None]]  # None when fine, else the problem
+
+SESSION_COOKIE = "gw_session"
+CSRF_HEADER = "X-Requested-With"
+CSRF_VALUE = "gridwarden"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+LOGIN_BODY_MAX = 4096  # bytes; a token is 46 characters
+MAX_TRACKED_CLIENTS = 10_000  # addresses with recent failed logins kept in memory at most
+
+LOGINS = Counter("gridwarden_web_logins_total", "Logins at POST /login", ["outcome"])
+
+
+# -- configuration and state
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """What the web layer needs from the settings (defaults: those of `Settings`)."""
+
+    timezone: str = "Asia/Shanghai"
+    topic_prefix: str = "gw"
+    session_ttl_s: int = 12 * 3600
+    login_max_failures: int = 10
+    login_window_s: int = 300
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WebConfig:
+        return cls(
+            timezone=settings.timezone,
+            topic_prefix=settings.topic_prefix,
+            session_ttl_s=settings.session_ttl_s,
+            login_max_failures=settings.login_max_failures,
+            login_window_s=settings.login_window_s,
+        )
+
+
+class LoginLimiter:
+    """Failed logins per client address within a sliding window, **in memory**: a restart
+    forgets them and several instances behind a load balancer count separately. That is
+    enough for its purpose: tokens are 256-bit random and cannot be guessed, so this only
+    stops a client from hammering the database with attempts. IPv6 clients are counted per
+    /64 (one subscriber's prefix), or a single host could rotate through addresses.
+
+    The address is the one uvicorn reports, which honours X-Forwarded-For only from its
+    `forwarded_allow_ips` (default 127.0.0.1, a reverse proxy on the same machine)."""
+
+    def __init__(
+        self,
+        max_failures: int,
+        window_s: float,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        max_clients: int = MAX_TRACKED_CLIENTS,
+    ) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._now = monotonic
+        self._max_clients = max_clients
+        self._failures: dict[str, deque[float]] = {}
+
+    @staticmethod
+    def key(address: str) -> str:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped is not None:
+                return str(ip.ipv4_mapped)
+            return str(ipaddress.IPv6Network((ip, 64), strict=False))
+        return str(ip)
+
+    def _recent(self, key: str, now: float) -> deque[float] | None:
+        times = self._failures.get(key)
+        if times is None:
+            return None
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        if not times:
+            del self._failures[key]
+            return None
+        return times
+
+    def retry_after(self, address: str) -> int | None:
+        """Seconds until this client may try again, or None when it may now."""
+        now = self._now()
+        times = self._recent(self.key(address), now)
+        if times is None or len(times) < self.max_failures:
+            return None
+        return max(1, math.ceil(times[0] + self.window_s - now))
+
+    def failed(self, address: str) -> None:
+        now = self._now()
+        key = self.key(address)
+        times = self._recent(key, now)
+        if times is None:
+            times = self._failures[key] = deque()
+        times.append(now)
+        while len(times) > self.max_failures:
+            times.popleft()
+        if len(self._failures) > self._max_clients:
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        for key in list(self._failures):
+            self._recent(key, now)
+        if len(self._failures) > self._max_clients:  # still too many: forget the stalest
+            by_last = sorted(self._failures, key=lambda k: self._failures[k][-1])
+            for key in by_last[: len(self._failures) - self._max_clients]:
+                del self._failures[key]
 
 
 @dataclass
 class AppState:
     pool: asyncpg.Pool
     readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
+    web: WebConfig = field(default_factory=WebConfig)
+    login_limiter: LoginLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.login_limiter = LoginLimiter(self.web.login_max_failures, self.web.login_window_s)
 
 
 def get_state(request: Request) -> AppState:
@@ -31,17 +172,56 @@ def get_state(request: Request) -> AppState:
     return state
 
 
-async def current_principal(
-    request: Request, state: Annotated[AppState, Depends(get_state)]
-) -> Principal:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-    principal = await principal_for(state.pool, token.strip())
+State = Annotated[AppState, Depends(get_state)]
+
+
+# -- authentication
+
+AuthMethod = Literal["bearer", "session"]
+
+
+async def _authenticate(request: Request, state: AppState) -> Principal | str:
+    """The caller's principal, or why there is none (for the 401). Records the method in
+    `request.state.auth`."""
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return "missing bearer token"
+        principal = await principal_for(state.pool, token.strip())
+        if principal is None:
+            return "invalid or revoked token"
+        request.state.auth = "bearer"
+        return principal
+    session_id = request.cookies.get(SESSION_COOKIE)
+    if not session_id:
+        return "missing bearer token"
+    principal = await principal_for_session(state.pool, session_id)
     if principal is None:
-        raise HTTPException(401, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
+        return "session expired or signed out"
+    request.state.auth = "session"
     return principal
+
+
+async def current_principal(request: Request, state: State) -> Principal:
+    found = await _authenticate(request, state)
+    if isinstance(found, str):
+        raise HTTPException(401, found, headers={"WWW-Authenticate": "Bearer"})
+    if (
+        request.state.auth == "session"
+        and request.method not in SAFE_METHODS
+        and request.headers.get(CSRF_HEADER) != CSRF_VALUE
+    ):
+        raise HTTPException(
+            403, f"a request signed in by cookie must send the header {CSRF_HEADER}: {CSRF_VALUE}"
+        )
+    return found
+
+
+async def optional_principal(request: Request, state: State) -> Principal | None:
+    """The caller, or None when not signed in (pages redirect to /login instead of 401)."""
+    found = await _authenticate(request, state)
+    return None if isinstance(found, str) else found
 
 
 def require_role(*roles: Role) -> Callable[..., Awaitable[Principal]]:
@@ -51,6 +231,310 @@ def require_role(*roles: Role) -> Callable[..., Awaitable[Principal]]:
         return principal
 
     return check
+
+
+Anyone = Annotated[Principal, Depends(current_principal)]
+
+
+def home_path(principal: Principal) -> str:
+    """Where a signed-in browser belongs: the phone view for workers, else the console."""
+    return "/worker" if principal.role == "worker" else "/"
+
+
+def safe_next(target: str | None) -> str | None:
+    """`next` after login when it is a path on this site (never `//host` or a scheme:
+    no open redirect), else None."""
+    if not target or len(target) > 2000 or not target.startswith("/"):
+        return None
+    if target.startswith(("//", "/\\")) or any(
+        ord(ch) < 0x20 or ord(ch) == 0x7F or ch == "\\" for ch in target
+    ):
+        return None
+    return target
+
+
+# -- login page, login, logout
+
+_LOGIN_PAGE = """<!doctype html>
+<html lang="zh-CN">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>登录 Sign in · gridwarden</title>
+<style>
+  :root { color-scheme: light dark; font-family: system-ui, -apple-system, "PingFang SC",
+          "Microsoft YaHei", "Noto Sans CJK SC", sans-serif; }
+  body { margin: 0; min-height: 100vh; display: grid; place-items: center;
+         background: Canvas; color: CanvasText; }
+  main { width: min(22rem, 92vw); padding: 1.5rem; border: 1px solid GrayText;
+         border-radius: .5rem; }
+  h1 { font-size: 1.25rem; margin: 0 0 1rem; }
+  h1 small { font-weight: normal; color: GrayText; }
+  label { display: block; margin-bottom: .35rem; }
+  input { box-sizing: border-box; width: 100%; padding: .6rem; font: inherit;
+          font-family: ui-monospace, monospace; }
+  button { margin-top: 1rem; width: 100%; padding: .6rem; font: inherit; cursor: pointer; }
+  .error { color: #c62828; margin: 0 0 1rem; }
+  .hint { color: GrayText; font-size: .85rem; margin-top: 1rem; }
+</style>
+</head>
+<body>
+<main>
+  <h1>gridwarden <small>网格化治理</small></h1>
+  __ERROR__
+  <form method="post" action="/login">
+    __NEXT__
+    <label for="token">令牌 / Token</label>
+    <input id="token" name="token" type="password" autocomplete="current-password"
+           required autofocus spellcheck="false" placeholder="gw_…">
+    <button type="submit">登录 / Sign in</button>
+  </form>
+  <p class="hint">使用管理员发放的 API 令牌登录。<br>Sign in with the API token you were given.</p>
+</main>
+</body>
+</html>
+"""
+_PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
+
+def login_page(
+    error: str | None = None, status_code: int = 200, next_path: str | None = None
+) -> HTMLResponse:
+    block = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
+    hidden = (
+        f'<input type="hidden" name="next" value="{html.escape(next_path, quote=True)}">'
+        if next_path
+        else ""
+    )
+    page = _LOGIN_PAGE.replace("__ERROR__", block).replace("__NEXT__", hidden)
+    return HTMLResponse(page, status_code=status_code, headers=_PAGE_HEADERS)
+
+
+def _client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _check_origin(request: Request) -> None:
+    """A login posted from another site's page (login CSRF) is refused: the browser's
+    Origin header, when sent, must name this host."""
+    origin = request.headers.get("origin")
+    if origin is None:  # not a browser, or an old one: nothing to check
+        return
+    hosts = {request.headers.get(name, "").lower() for name in ("host", "x-forwarded-host")}
+    if urlsplit(origin).netloc.lower() not in hosts - {""}:
+        raise HTTPException(403, "login from another site's page refused")
+
+
+async def _login_fields(request: Request) -> tuple[str | None, str | None, bool]:
+    """(the token submitted or None, `next` or None, whether the client speaks JSON)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    as_json = content_type == "application/json" or content_type.endswith("+json")
+    if not as_json and content_type not in ("application/x-www-form-urlencoded", ""):
+        raise HTTPException(
+            415, "send the token as a form field (application/x-www-form-urlencoded) or JSON"
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > LOGIN_BODY_MAX:
+            raise HTTPException(413, f"a login body is at most {LOGIN_BODY_MAX} bytes")
+    if as_json:
+        try:
+            data = orjson.loads(bytes(body)) if body.strip() else {}
+        except orjson.JSONDecodeError:
+            raise HTTPException(422, "the body must be a JSON object with a token") from None
+        if not isinstance(data, dict):
+            raise HTTPException(422, "the body must be a JSON object with a token")
+        token, next_path = data.get("token"), data.get("next")
+        if token is not None and not isinstance(token, str):
+            raise HTTPException(422, "token: must be a string")
+        return token, next_path if isinstance(next_path, str) else None, True
+    try:
+        fields = parse_qs(body.decode("utf-8", errors="replace"), max_num_fields=20)
+    except ValueError:  # more fields than that
+        raise HTTPException(422, "too many form fields") from None
+    tokens, nexts = fields.get("token"), fields.get("next")
+    return (tokens[0] if tokens else None), (nexts[0] if nexts else None), False
+
+
+_LOGIN_BODY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "token": {"type": "string", "description": "an API token (gw_…)"},
+        "next": {"type": "string", "description": "a path on this site to go to after"},
+    },
+    "required": ["token"],
+}
+
+
+def _session_router() -> APIRouter:
+    router = APIRouter(tags=["web"])
+
+    @router.get(
+        "/login",
+        response_class=HTMLResponse,
+        responses={303: {"description": "already signed in: to the console or /worker"}},
+    )
+    async def login_form(
+        request: Request,
+        state: State,
+        next_path: Annotated[
+            str | None, Query(alias="next", description="a path to go to after signing in")
+        ] = None,
+    ) -> Response:
+        """The sign-in page (令牌 / Token, 登录 / Sign in): self-contained, no scripts."""
+        target = safe_next(next_path)
+        principal = await optional_principal(request, state)
+        if principal is not None:
+            return RedirectResponse(target or home_path(principal), status_code=303)
+        page = login_page(next_path=target)
+        if SESSION_COOKIE in request.cookies:  # expired or signed out elsewhere: forget it
+            page.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+        return page
+
+    @router.post(
+        "/login",
+        response_class=HTMLResponse,
+        status_code=303,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/x-www-form-urlencoded": {"schema": _LOGIN_BODY_SCHEMA},
+                    "application/json": {"schema": _LOGIN_BODY_SCHEMA},
+                },
+            }
+        },
+        responses={
+            200: {"description": "JSON login: the session is set; `next` is where to go"},
+            303: {"description": "form login: the session cookie is set; to / or /worker"},
+            401: {"description": "no such token (the form again, or a JSON error)"},
+            403: {"description": "posted from another site's page"},
+            429: {"description": "too many failed logins from this address; see Retry-After"},
+        },
+    )
+    async def login(request: Request, state: State) -> Response:
+        """Exchange an API token for a session cookie `gw_session` (HttpOnly,
+        SameSite=Strict, Secure over https, Path=/). A form post is redirected (303) to
+        `next` (a path on this site) or else `/` (operators, admins) or `/worker`
+        (workers); a JSON post gets `{"role", "worker_id", "next", "expires_at"}`."""
+        address = _client_address(request)
+        retry_after = state.login_limiter.retry_after(address)
+        if retry_after is not None:
+            LOGINS.labels("limited").inc()
+            raise HTTPException(
+                429,
+                f"too many failed logins; try again in {retry_after} s",
+                headers={"Retry-After": str(retry_after)},
+            )
+        _check_origin(request)
+        token, next_path, as_json = await _login_fields(request)
+        next_path = safe_next(next_path or request.query_params.get("next"))
+        token = (token or "").strip()
+        if not token:
+            if as_json:
+                raise HTTPException(422, "token: required")
+            return login_page("请输入令牌。Enter a token.", 400, next_path)
+        principal = await principal_for(state.pool, token)
+        if principal is None:
+            state.login_limiter.failed(address)
+            LOGINS.labels("failed").inc()
+            if as_json:
+                raise HTTPException(401, "invalid or revoked token")
+            return login_page("令牌无效或已吊销。Invalid or revoked token.", 401, next_path)
+        session = await create_session(state.pool, principal, state.web.session_ttl_s)
+        LOGINS.labels("ok").inc()
+        target = next_path or home_path(principal)
+        response: Response
+        if as_json:
+            response = JSONResponse({
+                "role": principal.role,
+                "worker_id": principal.worker_id,
+                "next": target,
+                "expires_at": session.expires_at.isoformat().replace("+00:00", "Z"),
+            })  # fmt: skip
+        else:
+            response = RedirectResponse(target, status_code=303)
+        response.set_cookie(
+            SESSION_COOKIE,
+            session.session_id,
+            max_age=state.web.session_ttl_s,
+            path="/",
+            secure=request.url.scheme == "https",
+            httponly=True,
+            samesite="strict",
+        )
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @router.post(
+        "/logout",
+        status_code=204,
+        response_class=Response,
+        responses={403: {"description": "cookie request without X-Requested-With"}},
+    )
+    async def logout(request: Request, state: State) -> Response:
+        """End the browser session (its row is deleted) and clear the cookie. Needs
+        `X-Requested-With: gridwarden` when a session cookie is sent."""
+        session_id = request.cookies.get(SESSION_COOKIE)
+        if session_id and request.headers.get(CSRF_HEADER) != CSRF_VALUE:
+            raise HTTPException(403, f"logout needs the header {CSRF_HEADER}: {CSRF_VALUE}")
+        if session_id:
+            await delete_session(state.pool, session_id)
+        response = Response(status_code=204)
+        response.delete_cookie(
+            SESSION_COOKIE,
+            path="/",
+            secure=request.url.scheme == "https",
+            httponly=True,
+            samesite="strict",
+        )
+        return response
+
+    @router.get("/api/me")
+    async def me(principal: Anyone, request: Request, state: State) -> dict[str, Any]:
+        """Who the caller is: role, how they signed in, and for a worker token the
+        worker (name, role, on duty, cells)."""
+        row = await state.pool.fetchrow(query("web_me"), principal.token_id)
+        worker = None
+        if row is not None and row["worker_id"] is not None:
+            worker = {
+                "id": row["worker_id"],
+                "name": row["worker_name"],
+                "role": row["worker_role"],
+                "on_duty": row["on_duty"],
+                "cells": list(row["cells"]),
+            }
+        return {
+            "role": principal.role,
+            "token_id": principal.token_id,
+            "label": row["label"] if row is not None else "",
+            "auth": request.state.auth,
+            "worker_id": principal.worker_id,
+            "worker": worker,
+        }
+
+    @router.get("/api/config")
+    async def config(_: Anyone, state: State) -> dict[str, Any]:
+        """What the pages need to display: the city's time zone (API times are UTC), the
+        MQTT topic prefix, the session lifetime and the version."""
+        return {
+            "timezone": state.web.timezone,
+            "topic_prefix": state.web.topic_prefix,
+            "session_ttl_s": state.web.session_ttl_s,
+            "version": __version__,
+        }
+
+    return router
+
+
+# -- the application
 
 
 def create_app(state: AppState, routers: list[Any] | None = None) -> FastAPI:
@@ -85,6 +569,7 @@ def create_app(state: AppState, routers: list[Any] | None = None) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(_session_router())
     for router in routers or []:
         app.include_router(router)
     return app

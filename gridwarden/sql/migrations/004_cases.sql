@@ -78,3 +78,8 @@ ALTER TABLE alarms ADD CONSTRAINT alarms_case_fk FOREIGN KEY (case_id) REFERENCE
 
 -- Round robin on ties: who was given a case last.
 ALTER TABLE workers ADD COLUMN last_assigned_at timestamptz;
+
+-- A worker notification may also go to a webhook (`webhook_url`): a second outbox row
+-- with channel 'webhook', `topic` holding the URL, POSTed by the outbox publisher.
+ALTER TABLE outbox ADD COLUMN channel text NOT NULL DEFAULT 'mqtt'
+    CHECK (channel IN ('mqtt', 'webhook'));

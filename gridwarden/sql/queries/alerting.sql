@@ -77,11 +77,12 @@ SELECT * FROM (
 ORDER BY updated_at, id;
 
 -- name: outbox_claim
--- The next unpublished rows in id order, locked until the transaction ends; rows another
--- publisher holds are skipped, as are the ones in $2 (waiting for a retry).
+-- The next unpublished rows of channel $3 ('mqtt' or 'webhook') in id order, locked until
+-- the transaction ends; rows another publisher holds are skipped, as are the ones in $2
+-- (waiting for a retry).
 SELECT id, topic, payload::text AS payload, attempts
 FROM outbox
-WHERE published_at IS NULL AND NOT (id = ANY($2::bigint[]))
+WHERE published_at IS NULL AND channel = $3 AND NOT (id = ANY($2::bigint[]))
 ORDER BY id
 LIMIT $1
 FOR UPDATE SKIP LOCKED;

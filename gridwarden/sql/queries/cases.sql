@@ -51,8 +51,14 @@ SELECT * FROM cases WHERE id = $1;
 SELECT * FROM cases WHERE id = $1 FOR UPDATE;
 
 -- name: case_event_add
-INSERT INTO case_events (case_id, at, actor, action, from_state, to_state, detail)
-VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb);
+-- One timeline entry, and `pg_notify('gw_case', <case id>)` for the operators' live feed
+-- (delivered on commit; several entries of one transaction make one notification).
+WITH added AS (
+    INSERT INTO case_events (case_id, at, actor, action, from_state, to_state, detail)
+    VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+    RETURNING case_id
+)
+SELECT pg_notify('gw_case', case_id::text) FROM added;
 
 -- name: case_timeline
 SELECT at, actor, action, from_state, to_state, detail FROM case_events
@@ -126,6 +132,19 @@ UPDATE cases SET due_at = $2 WHERE id = $1;
 
 -- name: outbox_add
 INSERT INTO outbox (topic, payload) VALUES ($1, $2::jsonb);
+
+-- name: outbox_add_webhook
+-- $1 the webhook URL, $2 the JSON body.
+INSERT INTO outbox (channel, topic, payload) VALUES ('webhook', $1, $2::jsonb);
+
+-- name: cases_feed_by_ids
+-- Changed cases for the live feed, with the latest timeline action as `change`.
+SELECT c.*, e.action AS change
+FROM cases c
+LEFT JOIN LATERAL (
+    SELECT action FROM case_events WHERE case_id = c.id ORDER BY id DESC LIMIT 1
+) e ON true
+WHERE c.id = ANY($1::bigint[]);
 
 -- name: outbox_wake
 SELECT pg_notify('gw_outbox', '');
