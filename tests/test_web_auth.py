@@ -470,6 +470,7 @@ async def test_pages_redirect_and_serve(site: Site) -> None:
     assert console.headers["content-type"].startswith("text/html")
     assert "<html" in console.text.lower()
     assert console.headers["x-frame-options"] == "DENY"
+    assert "default-src 'self'" in console.headers["content-security-policy"]
     assert (await site.client.get("/worker", headers=cookie(operator))).status_code == 200
     sent_on = await site.client.get("/", headers=cookie(worker))
     assert (sent_on.status_code, sent_on.headers["location"]) == (303, "/worker")
