@@ -133,7 +133,7 @@ async def open_case_for_alarm(
     if cell_id is None:
         return None  # a device outside the grid: nobody to send; the alarm stays visible
     location = await conn.fetchrow(query("case_device_location"), alarm["device_id"])
-    what = details.get("description") or alarm["rule"]
+    what = details.get("label") or details.get("description") or alarm["rule"]
     where = " · ".join(p for p in (location["name"], location["building"]) if p) if location else ""
     case = await conn.fetchrow(
         query("case_open_or_join"),

@@ -268,7 +268,7 @@ class Engine:
             cell_id=device.cell_id,
             building=device.building,
             at=at,
-            details={"description": rule.description, **(details or {})},
+            details={"label": rule.label, "description": rule.description, **(details or {})},
         )
 
     def _severity(self, rule: Rule, reading: Reading | None) -> str:

@@ -25,7 +25,8 @@ default: `when` no longer holds), `clear_after_s` (momentary conditions — even
 counts, rates — clear after this long without a new trigger; unset: stay until an
 operator closes them), `unless` (suppression: a reading matching any of these is
 ignored by the rule, e.g. a detector in self-test), `levels` (a higher severity
-when a field goes further), `enabled`.
+when a field goes further), `label` (the short name staff see, e.g. 烟感报警),
+`description`, `enabled`.
 
 Overrides (files with `[[overrides]]`) change a rule for some devices or cells (a
 cell covers every cell below it): `{ rule = "bin.full", cells = ["g1"], devices = [],
@@ -164,6 +165,7 @@ class Rule(BaseModel):
     model_config = _Strict
     id: Annotated[str, Field(pattern=r"^[a-z0-9_]+(\.[a-z0-9_]+)+$")]
     kind: str = ""  # filled from the file's `kind`
+    label: str = Field(default="", max_length=40)  # the short name staff see (Chinese)
     description: str = ""
     severity: Severity
     when: Trigger
