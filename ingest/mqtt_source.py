@@ -91,6 +91,9 @@ class MqttSource:
     def stop(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
+        # paho closes its internal wake-up socket pair only when the client is garbage
+        # collected; close it now so a stopped source holds no sockets.
+        self._client._reset_sockets()
 
     def is_connected(self) -> bool:
         return self._client.is_connected()

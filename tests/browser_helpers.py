@@ -23,7 +23,7 @@ from gridwarden.registry import import_devices, import_grid, import_workers
 from gridwarden.sample_city import write_sample_city
 
 try:
-    from playwright.async_api import Browser, BrowserContext, Page, Playwright
+    from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page, Playwright
 except ImportError as error:  # pragma: no cover - a broken dev install
     raise ImportError(
         "the browser tests need Playwright: run scripts/setup --dev (installs the dev extras)"
@@ -67,20 +67,19 @@ async def launch_chromium(playwright: Playwright) -> Browser:
 
 @dataclass
 class PageLog:
-    """What went wrong inside a page (uncaught errors, console errors, failed requests),
-    for assertion messages."""
+    """What went wrong inside a page (uncaught errors; console errors and warnings, which
+    include failed requests), for assertion messages."""
 
     errors: list[str] = field(default_factory=list)  # uncaught exceptions
     console: list[str] = field(default_factory=list)
 
     def watch(self, page: Page) -> None:
         page.on("pageerror", lambda error: self.errors.append(str(error)))
-        page.on(
-            "console",
-            lambda msg: self.console.append(f"{msg.type}: {msg.text}")
-            if msg.type in ("error", "warning")
-            else None,
-        )
+        page.on("console", self._console)
+
+    def _console(self, message: ConsoleMessage) -> None:
+        if message.type in ("error", "warning"):
+            self.console.append(f"{message.type}: {message.text}")
 
     def __str__(self) -> str:
         lines = [f"page error: {e}" for e in self.errors] + self.console
@@ -90,12 +89,13 @@ class PageLog:
 @asynccontextmanager
 async def browser_page(
     browser: Browser,
+    viewport: tuple[int, int],
     *,
-    width: int,
-    height: int,
     mobile: bool = False,
 ) -> AsyncIterator[tuple[Page, PageLog]]:
-    """A fresh context (own cookies and storage) with one page, bounded timeouts."""
+    """A fresh context (own cookies and storage) with one page, bounded timeouts; `mobile`
+    is a phone (touch, mobile viewport meta honoured)."""
+    width, height = viewport
     context: BrowserContext = await browser.new_context(
         viewport={"width": width, "height": height},
         device_scale_factor=1,
