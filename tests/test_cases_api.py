@@ -219,6 +219,21 @@ async def test_report_is_dispatched_to_the_responsible_worker(city: City) -> Non
     assert (await city.report(IN_G1))["assignee"] == "w-aoff"
 
 
+async def test_a_grid_worker_comes_before_a_part_timer_of_the_micro_grid(city: City) -> None:
+    # A micro-grid inside g1 with its own part-timer: the grid's grid worker still
+    # comes first (role before nearness); the nearest part-timer before g1's.
+    await insert_cell(city.pool, "g1m", "micro", "g1", (116.0, 39.85, 116.1, 39.95))
+    await city.pool.execute(
+        "INSERT INTO workers (id, name, role) VALUES ('w-pm', 'w-pm', 'part_time')"
+    )
+    await city.pool.execute("INSERT INTO worker_cells (worker_id, cell_id) VALUES ('w-pm', 'g1m')")
+    case = await city.report(IN_G1)
+    assert (case["cell_id"], case["assignee"]) == ("g1m", "w-b")
+    await city.pool.execute("UPDATE workers SET on_duty = false WHERE role = 'grid_worker'")
+    city.clock.advance(60)  # the grid is re-read after a minute
+    assert (await city.report(IN_G1))["assignee"] == "w-pm"
+
+
 async def test_nobody_on_duty_leaves_the_case_reported(city: City) -> None:
     await city.pool.execute("UPDATE workers SET on_duty = false")
     case = await city.report(IN_G3)

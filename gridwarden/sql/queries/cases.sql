@@ -13,9 +13,10 @@ DO UPDATE SET
 RETURNING c.*, (c.xmax = 0) AS inserted;
 
 -- name: case_candidate
--- The on-duty worker of one of `roles` covering the cell, or failing that the nearest
--- cell above it: nearest cell first, then role order (grid workers before part-timers),
--- fewest open cases, longest since given one (round robin), id.
+-- The on-duty worker of one of `roles` covering the cell or a cell above it: role
+-- order first (grid workers before part-timers, even one covering the micro-grid
+-- itself), then the nearest cell, fewest open cases, longest since given one (round
+-- robin), id.
 WITH RECURSIVE chain AS (
     SELECT id, parent_id, 0 AS depth FROM cells WHERE id = $1
     UNION ALL
@@ -31,7 +32,7 @@ JOIN worker_cells wc ON wc.worker_id = w.id
 JOIN chain ON chain.id = wc.cell_id
 WHERE w.on_duty AND w.role = ANY($2::text[]) AND NOT (w.id = ANY($3::text[]))
 GROUP BY w.id
-ORDER BY min(chain.depth), array_position($2::text[], w.role), open_cases,
+ORDER BY array_position($2::text[], w.role), min(chain.depth), open_cases,
          w.last_assigned_at NULLS FIRST, w.id
 LIMIT 1;
 
