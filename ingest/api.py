@@ -20,6 +20,7 @@ State = Annotated[AppState, Depends(get_state)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 DEFAULT_HISTORY = timedelta(hours=24)
 MAX_RAW_ROWS = 5000
+HOUR_S = 3600  # served from the hourly continuous aggregate
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -115,9 +116,14 @@ async def telemetry(
                 point["extra"] = orjson.loads(row["extra"])
             points.append(point)
     else:
-        rows = await state.pool.fetch(
-            query("device_telemetry_bucketed"), device_id, since, until, float(bucket), limit
-        )
+        if bucket == HOUR_S:
+            rows = await state.pool.fetch(
+                query("device_telemetry_hourly"), device_id, since, until, limit
+            )
+        else:
+            rows = await state.pool.fetch(
+                query("device_telemetry_bucketed"), device_id, since, until, float(bucket), limit
+            )
         points = [
             {**{k: v for k, v in dict(r).items() if v is not None}, "bucket": _iso(r["bucket"])}
             for r in rows

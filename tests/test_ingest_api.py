@@ -97,6 +97,15 @@ async def test_device_history_raw_and_bucketed(api, database_url):
         ("2026-11-22T01:00:00Z", 6, 18.5, 21.0),
         ("2026-11-22T00:00:00Z", 6, 12.5, 15.0),
     ]
+    # Any other bucket is computed from the readings (the hour comes from the aggregate).
+    half_hours = await client.get(
+        "/api/devices/bin-1/telemetry",
+        params={"since": since, "until": until, "bucket": 1800},
+        headers=headers,
+    )
+    assert [(b["samples"], b["fill_max"]) for b in half_hours.json()["points"]] == [
+        (3, 21.0), (3, 18.0), (3, 15.0), (3, 12.0)
+    ]  # fmt: skip
     missing = await client.get("/api/devices/nope/telemetry", headers=headers)
     assert missing.status_code == 404
     backwards = await client.get(

@@ -39,3 +39,15 @@ WHERE device_id = $1 AND time >= $2 AND time < $3
 GROUP BY bucket
 ORDER BY bucket DESC
 LIMIT $5;
+
+-- name: device_telemetry_hourly
+-- Hourly history from `telemetry_hourly`: the continuous aggregate on TimescaleDB
+-- (real-time, so the current hour is included), a plain view elsewhere.
+SELECT bucket, samples, battery, smoke_avg AS smoke, smoke_max,
+       temperature_avg AS temperature, temperature_max, co_max, tilt_max,
+       water_level_avg AS water_level, gas_ch4_max, gas_h2s_max, fill_avg AS fill, fill_max,
+       weight_avg AS weight
+FROM telemetry_hourly
+WHERE device_id = $1 AND bucket >= $2 AND bucket < $3
+ORDER BY bucket DESC
+LIMIT $4;
