@@ -19,6 +19,7 @@ from statistics import fmean
 import asyncpg
 import pytest
 
+from gridwarden.db import query
 from gridwarden.migrate import load_migrations, migrate
 
 pytestmark = pytest.mark.timescale
@@ -228,6 +229,12 @@ async def test_copy_round_trip_and_hourly_aggregate(
         )
         assert await conn.fetchval(materialised) == len(DEVICES) * MINUTES // 60
         hourly = await conn.fetch(hourly_sql, list(DEVICES))
+        # The API's hourly history query runs on the continuous aggregate.
+        device = next(iter(DEVICES))
+        served = await conn.fetch(
+            query("device_telemetry_hourly"), device, START, START + timedelta(days=1), 100
+        )
+        assert [row["samples"] for row in served] == [60] * (MINUTES // 60)
 
         # What the compression policy would do after 7 days, done now: the readings
         # read back the same from the compressed chunk.
