@@ -117,11 +117,12 @@ async def run_service(
     with closing(sock):
         pool = await create_pool(database_url)
         try:
+            clock = SystemClock()
             ingest = IngestService(settings, pool, mqtt_url)
             await ingest.directory.refresh(pool)
             rules = RulesService(
                 settings, pool, ingest.directory.lookup, devices=ingest.directory.ids,
-                ruleset=ruleset, on_raised=case_opener(settings, SystemClock()),
+                ruleset=ruleset, on_raised=case_opener(settings, clock),
             )  # fmt: skip
             await rules.start()
             ingest.rules = rules
@@ -133,7 +134,6 @@ async def run_service(
                 },
                 web=WebConfig.from_settings(settings),
             )
-            clock = SystemClock()
             app = create_app(
                 state, routers=[ingest_router, alarms_router, cases_router, cells_router]
             )
