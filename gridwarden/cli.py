@@ -227,6 +227,19 @@ def token_create(role: str, worker_id: str | None, label: str, **kwargs: Any) ->
     click.echo(value)
 
 
+@main.command()
+@click.option("--devices", default=100_000, show_default=True, help="devices registered")
+@click.option("--duration", default=20.0, show_default=True, help="seconds per measured phase")
+@click.option("--json", "as_json", is_flag=True, help="print only the JSON object on stdout")
+@click.option("--qos", type=click.Choice(["0", "1"]), default="1", show_default=True,
+              help="QoS of the live load in the latency phases (throughput is QoS 1)")  # fmt: skip
+def bench(devices: int, duration: float, as_json: bool, qos: str) -> None:
+    """Benchmark ingest, alarm and notification latency on private servers (see README)."""
+    from gridwarden.bench import main as run_bench
+
+    run_bench(devices, duration, as_json, int(qos))
+
+
 def _mount_sim() -> None:
     from device_sim.cli import sim
 
