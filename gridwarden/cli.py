@@ -53,6 +53,7 @@ def _settings(ctx_args: dict[str, Any]) -> Settings:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     try:
         return load_settings(config_file, **ctx_args)
     except ConfigError as exc:

@@ -87,6 +87,7 @@ async def prepare_demo(
         for report in reports:
             click.echo(report.summary())
         click.echo(f"\ngridwarden demo is up: {url}")
+        click.echo(f"  console: open {url}/login in a browser and sign in with the token below")
         click.echo(f"  sample city: {len(devices)} devices simulated at {speedup:g}x speed")
         click.echo(f"  operator token: {token}")
         auth = f"-H 'Authorization: Bearer {token}'"
