@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -155,3 +155,28 @@ def label(where: str, record_id: object) -> str:
     if isinstance(record_id, str) and record_id:
         return f"{where} (id {record_id!r})"
     return where
+
+
+Record = TypeVar("Record")
+
+
+def changes(
+    records: Iterable[Record],
+    key: Callable[[Record], str],
+    existing: Mapping[str, Any],
+    same: Callable[[Record, Any], bool],
+) -> tuple[list[Record], int, int]:
+    """What an import must write: the records new or different from the stored rows,
+    and how many of them are new and how many updated (the rest are unchanged)."""
+    changed: list[Record] = []
+    created = updated = 0
+    for record in records:
+        row = existing.get(key(record))
+        if row is None:
+            created += 1
+        elif same(record, row):
+            continue
+        else:
+            updated += 1
+        changed.append(record)
+    return changed, created, updated

@@ -22,6 +22,7 @@ from gridwarden.registry.common import (
     ID_PATTERN,
     ImportReport,
     RegistryError,
+    changes,
     describe_validation_error,
     label,
     listed,
@@ -230,16 +231,7 @@ async def import_devices(conn: asyncpg.Connection, path: Path) -> ImportReport:
         if check.problems:
             raise RegistryError(check.problems, source=str(path))
         existing = {row["id"]: row for row in await conn.fetch(query("registry_devices_select"))}
-        changed: list[Device] = []
-        created = updated = 0
-        for device in check.devices:
-            row = existing.get(device.id)
-            if row is None:
-                created += 1
-                changed.append(device)
-            elif not _same(device, row):
-                updated += 1
-                changed.append(device)
+        changed, created, updated = changes(check.devices, lambda r: r.id, existing, _same)
         if changed:
             await conn.execute(
                 query("registry_devices_upsert"),

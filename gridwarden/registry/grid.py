@@ -30,6 +30,7 @@ from gridwarden.registry.common import (
     ID_PATTERN,
     ImportReport,
     RegistryError,
+    changes,
     describe_validation_error,
     label,
     listed,
@@ -430,16 +431,7 @@ async def import_grid(conn: asyncpg.Connection, path: Path) -> ImportReport:
     async with conn.transaction():
         await conn.execute(query("registry_lock"))
         existing = {row["id"]: row for row in await conn.fetch(query("registry_cells_select"))}
-        changed: list[Cell] = []
-        created = updated = 0
-        for cell in check.cells:
-            row = existing.get(cell.id)
-            if row is None:
-                created += 1
-                changed.append(cell)
-            elif not _same(cell, row):
-                updated += 1
-                changed.append(cell)
+        changed, created, updated = changes(check.cells, lambda r: r.id, existing, _same)
         if changed:
             await conn.execute(
                 query("registry_cells_upsert"),
