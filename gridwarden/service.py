@@ -130,7 +130,7 @@ async def run_service(
                 pool,
                 readiness={
                     "database": database_check(pool),
-                    "broker": broker_check(ingest.source.is_connected),
+                    "broker": broker_check(ingest.is_connected),
                 },
                 web=WebConfig.from_settings(settings),
             )

@@ -1,5 +1,16 @@
 """The ingest loop: take a batch from the broker, decode, commit, then acknowledge.
 
+Two lanes, each its own persistent MQTT session, so a fire alarm never waits behind
+a backlog of bin readings: the *event* lane (`{prefix}/dev/+/event`: alarms, door
+forced, tamper…) with small batches, and the *bulk* lane (telemetry, status, codec
+topics). The bulk session also subscribes to `dev/+/+` so a message on an unknown
+channel still reaches a dead letter; it acknowledges event messages without storing
+them (the event session has its own copy). Each device's messages stay in order
+within a lane; both lanes evaluate rules under the one rules lock.
+
+Within a lane, decoding the next batch overlaps the commit of the previous one
+(Python works while PostgreSQL does), at most one decoded batch waiting.
+
 Failure handling:
 - the database is unreachable: the batch is kept and retried with backoff; nothing
   is acknowledged, so the broker holds the rest (bounded by Receive Maximum);
@@ -27,7 +38,7 @@ from ingest import metrics
 from ingest.decode import DeadLetter, Decoded, Decoder, RawMessage, Reading, credential_key
 from ingest.directory import DeviceDirectory
 from ingest.mqtt_source import MqttSource
-from ingest.topics import subscriptions
+from ingest.topics import event_subscriptions, subscriptions
 from ingest.writer import RulesHook, WriteResult, write_batch
 
 log = logging.getLogger(__name__)
@@ -38,9 +49,19 @@ DEDUP_PRUNE_INTERVAL_S = 600.0
 # What a Receive Maximum of a few batches buys: the next batch is already waiting
 # while one commits, and memory stays bounded when the database stalls.
 RECEIVE_MAXIMUM_BATCHES = 4
+EVENT_LANE_MAX_DELAY_S = 0.005  # events are few: commit them nearly one by one
+EVENT_LANE_RECEIVE_MAXIMUM = 1000
 
 T = TypeVar("T")
 AfterCommit = Callable[[list[Reading]], Awaitable[None]]
+
+
+@dataclass
+class Lane:
+    name: str
+    source: MqttSource
+    max_delay_s: float
+    skip_events: bool  # the bulk lane: event messages are the event lane's
 
 
 @dataclass
@@ -76,39 +97,95 @@ class IngestService:
             topics=subscriptions(settings.topic_prefix),
             receive_maximum=settings.batch_max_messages * RECEIVE_MAXIMUM_BATCHES,
         )
+        self.event_source = MqttSource(
+            mqtt_url,
+            client_id=f"{settings.mqtt_client_id}-events",
+            topics=event_subscriptions(settings.topic_prefix),
+            receive_maximum=EVENT_LANE_RECEIVE_MAXIMUM,
+        )
+        self.lanes = [
+            Lane("events", self.event_source, EVENT_LANE_MAX_DELAY_S, skip_events=False),
+            Lane("bulk", self.source, settings.batch_max_delay_ms / 1000, skip_events=True),
+        ]
+        self._event_topic = (f"{settings.topic_prefix}/dev/", "/event")
         self.rules = rules
         self.after_commit = after_commit
         self._last_seen: dict[str, LastSeen] = {}
         self.committed_batches = 0
 
     # -- tasks ---------------------------------------------------------------------
+    def subscribed(self) -> bool:
+        return all(lane.source.subscribed.is_set() for lane in self.lanes)
+
+    async def wait_subscribed(self, timeout_s: float) -> bool:
+        def wait() -> bool:
+            return all(lane.source.subscribed.wait(timeout_s) for lane in self.lanes)
+
+        return await asyncio.to_thread(wait)
+
+    def is_connected(self) -> bool:
+        return all(lane.source.is_connected() for lane in self.lanes)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then finish what was handed over and return."""
         await self.directory.refresh(self.pool)
-        self.source.start()
+        for lane in self.lanes:
+            lane.source.start()
         try:
-            while not stop.is_set():
-                take = asyncio.ensure_future(
-                    self.source.take(
-                        self.settings.batch_max_messages, self.settings.batch_max_delay_ms / 1000
-                    )
-                )
-                stopping = asyncio.ensure_future(stop.wait())
-                done, _ = await asyncio.wait({take, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if take not in done:
-                    take.cancel()
-                    stopping.cancel()
-                    break
-                stopping.cancel()
-                await self.process(take.result())
-            await self._drain()
+            await asyncio.gather(*(self._run_lane(lane, stop) for lane in self.lanes))
         finally:
-            self.source.stop()
+            for lane in self.lanes:
+                lane.source.stop()
             await self.flush_last_seen()
 
-    async def _drain(self) -> None:
-        while self.source.depth():
-            await self.process(await self.source.take(self.settings.batch_max_messages, 0))
+    async def _run_lane(self, lane: Lane, stop: asyncio.Event) -> None:
+        """take → decode here, commit → acknowledge in `committer`, one batch apart."""
+        ready: asyncio.Queue[tuple[list[RawMessage], Decoded] | None] = asyncio.Queue(1)
+        committer = asyncio.create_task(self._commit_loop(lane, ready), name=f"commit-{lane.name}")
+        try:
+            while not stop.is_set():
+                batch = await self._take(lane, stop)
+                if batch is None:
+                    break
+                await self._hand_over(ready, (batch, await self._decode(lane, batch)), committer)
+            while lane.source.depth():  # what was handed over before the stop
+                batch = await lane.source.take(self.settings.batch_max_messages, 0)
+                await self._hand_over(ready, (batch, await self._decode(lane, batch)), committer)
+            await self._hand_over(ready, None, committer)
+            await committer
+        finally:
+            committer.cancel()
+
+    async def _take(self, lane: Lane, stop: asyncio.Event) -> list[RawMessage] | None:
+        take = asyncio.ensure_future(
+            lane.source.take(self.settings.batch_max_messages, lane.max_delay_s)
+        )
+        stopping = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({take, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if take not in done:
+            take.cancel()
+            return None
+        return take.result()
+
+    @staticmethod
+    async def _hand_over(
+        ready: asyncio.Queue[tuple[list[RawMessage], Decoded] | None],
+        item: tuple[list[RawMessage], Decoded] | None,
+        committer: asyncio.Task[None],
+    ) -> None:
+        put = asyncio.ensure_future(ready.put(item))
+        await asyncio.wait({put, committer}, return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            committer.result()  # the committer failed: raise its error here
+
+    async def _commit_loop(
+        self, lane: Lane, ready: asyncio.Queue[tuple[list[RawMessage], Decoded] | None]
+    ) -> None:
+        while (item := await ready.get()) is not None:
+            batch, decoded = item
+            await self._commit_and_ack(lane, batch, decoded)
 
     async def maintain(self, stop: asyncio.Event) -> None:
         """Periodic work off the hot path: last-seen flush, registry refresh, dedup pruning."""
@@ -131,30 +208,34 @@ class IngestService:
                 log.warning("ingest maintenance failed, will retry: %s", exc)
 
     # -- one batch -------------------------------------------------------------------
-    async def process(self, batch: list[RawMessage]) -> None:
-        if not batch:
-            return
+    async def _decode(self, lane: Lane, batch: list[RawMessage]) -> Decoded:
         metrics.RECEIVED.inc(len(batch))
-        metrics.QUEUE_DEPTH.set(self.source.depth())
-        decoded = self.decode(batch)
+        metrics.QUEUE_DEPTH.set(lane.source.depth())
+        decoded = self.decode(batch, skip_events=lane.skip_events)
         if self.directory.unknown_seen and self.directory.refresh_due():
             # A device imported moments ago: look again before dead-lettering it.
             await self._with_retry(self.directory.refresh)
-            decoded = self.decode(batch)
+            decoded = self.decode(batch, skip_events=lane.skip_events)
+        return decoded
+
+    async def _commit_and_ack(self, lane: Lane, batch: list[RawMessage], decoded: Decoded) -> None:
         if self.rules is not None:
             async with self.rules.lock:
                 result = await self._commit(decoded)
         else:
             result = await self._commit(decoded)
-        self.source.ack(batch)
+        lane.source.ack(batch)
         self.committed_batches += 1
         self._record(result, decoded)
         if self.after_commit is not None and result.stored:
             await self.after_commit(result.stored)
 
-    def decode(self, batch: list[RawMessage]) -> Decoded:
+    def decode(self, batch: list[RawMessage], *, skip_events: bool = False) -> Decoded:
         decoded = Decoded()
+        head, tail = self._event_topic
         for message in batch:
+            if skip_events and message.topic.endswith(tail) and message.topic.startswith(head):
+                continue  # the event lane's
             self.decoder.decode(message, decoded)
         return decoded
 

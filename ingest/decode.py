@@ -200,11 +200,15 @@ class Decoder:
                 "device_mismatch",
                 f"payload names device {model.device_id!r} but was published for {device.id!r}",
             )
-        values = model.model_dump(exclude_none=True, exclude=set(_COMMON_KEYS), exclude_unset=True)
+        # The declared fields the payload set (not null), without the common keys; read
+        # straight from the validated model (model_dump costs as much as validation).
+        fields = model.__dict__
+        values = {
+            key: fields[key]
+            for key in model.__pydantic_fields_set__
+            if key in fields and key not in _COMMON_KEYS and fields[key] is not None
+        }
         extra = dict(model.model_extra) if model.model_extra else None
-        if extra:
-            for key in extra:
-                values.pop(key, None)
         reading = Reading(
             channel=channel,
             device_id=device.id,

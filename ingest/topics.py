@@ -28,7 +28,13 @@ class TopicError(ValueError):
 
 
 def subscriptions(prefix: str) -> list[str]:
+    """The bulk lane: everything, so a bad channel still reaches a dead letter."""
     return [f"{prefix}/dev/+/+", f"{prefix}/codec/+/+"]
+
+
+def event_subscriptions(prefix: str) -> list[str]:
+    """The event lane (see ingest.consumer)."""
+    return [f"{prefix}/dev/+/event"]
 
 
 def parse_topic(topic: str, prefix: str) -> ParsedTopic:

@@ -167,9 +167,16 @@ class Engine:
         self.muted = muted
         self.states: dict[Key, State] = {}
         self.heard: dict[str, float] = {}
-        self._absence_heap: list[tuple[float, str, float]] = []
+        # One heap entry per watched device (`_absence_due` says which entry is live):
+        # a reading only moves `heard`, and the entry, when it comes up, is pushed back
+        # to the device's real deadline. The heap stays as large as the fleet.
+        self._absence_heap: list[tuple[float, str]] = []
+        self._absence_due: dict[str, float] = {}
         self._timer_heap: list[tuple[float, Key]] = []
-        self._rules_cache: dict[tuple[str, str, str | None], list[Rule]] = {}
+        # Each device's plan, shared between devices with the same rules (the usual
+        # case: a million devices hold a million references, not a million plans).
+        self._plans: dict[tuple[str, str, str | None], _Plan] = {}
+        self._shared_plans: dict[tuple[int, ...], _Plan] = {}
 
     # -- loading ---------------------------------------------------------------------
     def load(self, states: Iterable[tuple[str, str, State]], heard: dict[str, float]) -> None:
@@ -184,25 +191,39 @@ class Engine:
 
     def expect(self, device_id: str, heard_at: float) -> None:
         """Start watching a device for silence, as if last heard at `heard_at`."""
-        self.heard[device_id] = max(heard_at, self.heard.get(device_id, heard_at))
-        device = self.lookup_device(device_id)
-        deadline = self._absence_deadline(device, self.heard[device_id])
+        heard = self.heard.get(device_id)
+        if heard is None or heard_at > heard:
+            self.heard[device_id] = heard = heard_at
+        scheduled = self._absence_due.get(device_id)
+        if scheduled is not None:
+            return  # its entry comes up first and is pushed on to the new deadline
+        deadline = self._absence_deadline(self.lookup_device(device_id), heard)
         if deadline is not None:
-            heapq.heappush(self._absence_heap, (deadline, device_id, self.heard[device_id]))
+            self._schedule_absence(device_id, deadline)
+
+    def _schedule_absence(self, device_id: str, deadline: float) -> None:
+        self._absence_due[device_id] = deadline
+        heapq.heappush(self._absence_heap, (deadline, device_id))
 
     def rules_for(self, device: DeviceInfo) -> list[Rule]:
+        return self._plan(device).rules
+
+    def _plan(self, device: DeviceInfo) -> _Plan:
+        """The device's rules, each with how it is evaluated (resolved once per device)."""
         key = (device.id, device.kind, device.cell_id)
-        rules = self._rules_cache.get(key)
-        if rules is None:
+        plan = self._plans.get(key)
+        if plan is None:
             rules = self.ruleset.for_device(device.kind, device.id, self.cells_of(device.cell_id))
-            self._rules_cache[key] = rules
-        return rules
+            # The rules are held by the plan, so their ids stay theirs while it lives.
+            shared = tuple(id(rule) for rule in rules)
+            plan = self._shared_plans.get(shared)
+            if plan is None:
+                plan = self._shared_plans[shared] = _Plan.of(rules)
+            self._plans[key] = plan
+        return plan
 
     def _absence_rule(self, device: DeviceInfo) -> Rule | None:
-        for rule in self.rules_for(device):
-            if isinstance(rule.when, Absence):
-                return rule
-        return None
+        return self._plan(device).absence
 
     def _absence_deadline(self, device: DeviceInfo | None, heard_at: float) -> float | None:
         if device is None or not device.interval_s:
@@ -219,8 +240,18 @@ class Engine:
             return dict(evaluation.states[key] or {})
         return dict(self.states.get(key, {}))
 
+    def _peek(self, evaluation: Evaluation, key: Key) -> State | None:
+        """The current state, not to be modified (no copy: the common case is no state)."""
+        if key in evaluation.states:
+            return evaluation.states[key]
+        return self.states.get(key)
+
     def _put(self, evaluation: Evaluation, key: Key, state: State) -> None:
-        evaluation.states[key] = _idle(state)
+        """Record the new state only if it changed: an unchanged state costs no write."""
+        new = _idle(state)
+        if key not in evaluation.states and new == self.states.get(key):
+            return
+        evaluation.states[key] = new
 
     # -- messages --------------------------------------------------------------------
     def evaluate(self, readings: Iterable[Reading]) -> Evaluation:
@@ -234,17 +265,16 @@ class Engine:
             evaluation.heard[device.id] = max(heard, evaluation.heard.get(device.id, heard))
             if self.muted(device, at):
                 continue
-            for rule in self.rules_for(device):
-                if isinstance(rule.when, Absence):
-                    self._heard_again(evaluation, rule, device, reading.received_at)
-                elif isinstance(rule.when, Correlation):
-                    continue  # driven by the ops of the rule it correlates
-                elif any(matches(c, reading) is True for c in rule.unless):
+            plan = self._plan(device)
+            if plan.absence is not None:
+                self._heard_again(evaluation, plan.absence, device, reading.received_at)
+            for rule, momentary, fields in plan.evaluated:
+                if rule.unless and any(matches(c, reading) is True for c in rule.unless):
                     continue  # suppressed, e.g. a self-test
-                elif rule.momentary:
-                    self._momentary(evaluation, rule, device, reading, at)
+                if momentary:
+                    self._momentary(evaluation, rule, fields, device, reading, at)
                 else:
-                    self._stateful(evaluation, rule, device, reading, at)
+                    self._stateful(evaluation, rule, fields, device, reading, at)
         self._correlate(evaluation)
         return evaluation
 
@@ -282,48 +312,52 @@ class Engine:
         return severity
 
     @staticmethod
-    def _reading_details(rule: Rule, reading: Reading) -> dict[str, Any]:
-        fields = set()
-        for condition in [rule.when, *(level.when for level in rule.levels)]:
-            if isinstance(condition, FieldCondition):
-                fields.add(condition.field)
-            elif isinstance(condition, AnyOf):
-                fields |= {c.field for c in condition.any_of if isinstance(c, FieldCondition)}
-            elif isinstance(condition, RateOfRise):
-                fields.add(condition.rate_of_rise)
+    def _reading_details(fields: tuple[str, ...], reading: Reading) -> dict[str, Any]:
         details: dict[str, Any] = {k: reading.values[k] for k in fields if k in reading.values}
         if reading.event:
             details["event"] = reading.event
         return details
 
     def _momentary(
-        self, evaluation: Evaluation, rule: Rule, device: DeviceInfo, reading: Reading, at: datetime
+        self,
+        evaluation: Evaluation,
+        rule: Rule,
+        fields: tuple[str, ...],
+        device: DeviceInfo,
+        reading: Reading,
+        at: datetime,
     ) -> None:
         key = (device.id, rule.id)
-        t = _ts(at)
         when = rule.when
         triggered = False
-        state = self._get(evaluation, key)
-        details = self._reading_details(rule, reading)
+        value = 0.0
         if isinstance(when, RateOfRise):
-            value = reading.values.get(when.rate_of_rise)
-            if value is None or isinstance(value, bool):
+            raw = reading.values.get(when.rate_of_rise)
+            if raw is None or isinstance(raw, bool):
                 return
+            value = float(raw)
+        elif isinstance(when, CountInWindow):
+            if matches(when.count, reading) is not True:
+                return
+        elif matches(when, reading) is not True:  # type: ignore[arg-type]
+            return  # an event rule and another reading: nothing to do
+        t = _ts(at)
+        state = self._get(evaluation, key)
+        details = self._reading_details(fields, reading)
+        if isinstance(when, RateOfRise):
             samples = [s for s in state.get("samples", []) if s[0] >= t - when.within_s]
-            samples = sorted([*samples, [t, float(value)]])[-MAX_RATE_SAMPLES:]
-            rise = float(value) - min(v for _, v in samples)
+            samples = sorted([*samples, [t, value]])[-MAX_RATE_SAMPLES:]
+            rise = value - min(v for _, v in samples)
             triggered = rise >= when.by
             state["samples"] = samples
             details["rise"] = round(rise, 3)
         elif isinstance(when, CountInWindow):
-            if matches(when.count, reading) is not True:
-                return
             hits = [h for h in state.get("hits", []) if h >= t - when.within_s] + [t]
             triggered = len(hits) >= when.at_least
             state["hits"] = hits[-when.at_least :]
             details["count_in_window"] = len(hits)
         else:
-            triggered = matches(when, reading) is True  # type: ignore[arg-type]
+            triggered = True
         if triggered:
             evaluation.add(self._op("raise", rule, device, at, self._severity(rule, reading),
                                     details))  # fmt: skip
@@ -332,18 +366,26 @@ class Engine:
         self._put(evaluation, key, state)
 
     def _stateful(
-        self, evaluation: Evaluation, rule: Rule, device: DeviceInfo, reading: Reading, at: datetime
+        self,
+        evaluation: Evaluation,
+        rule: Rule,
+        fields: tuple[str, ...],
+        device: DeviceInfo,
+        reading: Reading,
+        at: datetime,
     ) -> None:
         key = (device.id, rule.id)
+        holds = matches(rule.when, reading)  # type: ignore[arg-type]
+        if holds is not True and not self._peek(evaluation, key):
+            return  # not firing, nothing pending: the usual reading changes nothing
         t = _ts(at)
         state = self._get(evaluation, key)
-        holds = matches(rule.when, reading)  # type: ignore[arg-type]
         if rule.clear is not None:
             clears = matches(rule.clear, reading)
         else:
             still = matches(rule.when, reading, for_clear=True)  # type: ignore[arg-type]
             clears = None if still is None else not still
-        details = self._reading_details(rule, reading)
+        details = self._reading_details(fields, reading)
         if not state.get("firing"):
             if holds is True:
                 since = state.get("pending_since", t)
@@ -417,8 +459,9 @@ class Engine:
         self, evaluation: Evaluation, rule: Rule, device: DeviceInfo, at: datetime
     ) -> None:
         key = (device.id, rule.id)
-        state = self._get(evaluation, key)
-        if state.get("firing"):
+        current = self._peek(evaluation, key)
+        if current and current.get("firing"):
+            state = dict(current)
             state.pop("firing")
             evaluation.add(self._op("clear", rule, device, at, details={"heard_again": True}))
             self._put(evaluation, key, state)
@@ -475,16 +518,23 @@ class Engine:
                 continue  # stale entry: the state moved on
             self._timer(evaluation, key, dict(state), now)
         while self._absence_heap and self._absence_heap[0][0] <= t:
-            _, device_id, heard_at = heapq.heappop(self._absence_heap)
-            if self.heard.get(device_id) != heard_at:
-                continue  # heard again since
+            deadline, device_id = heapq.heappop(self._absence_heap)
+            if self._absence_due.get(device_id) != deadline:
+                continue  # superseded entry
+            del self._absence_due[device_id]
             device = self.lookup_device(device_id)
+            heard_at = self.heard.get(device_id)
             rule = self._absence_rule(device) if device else None
-            if device is None or rule is None:
+            if device is None or rule is None or heard_at is None:
+                continue
+            real = self._absence_deadline(device, heard_at)
+            if real is None:
+                continue
+            if real > t:
+                self._schedule_absence(device_id, real)  # heard again since
                 continue
             if self.muted(device, now):
-                retry = t + MUTED_RECHECK_S
-                heapq.heappush(self._absence_heap, (retry, device_id, heard_at))
+                self._schedule_absence(device_id, t + MUTED_RECHECK_S)
                 continue
             key = (device.id, rule.id)
             state = self._get(evaluation, key)
@@ -541,4 +591,39 @@ class Engine:
 
     def forget_device_rules(self) -> None:
         """The registry changed (a device moved cell): resolve rules again."""
-        self._rules_cache.clear()
+        self._plans.clear()
+        self._shared_plans.clear()
+
+
+def _detail_fields(rule: Rule) -> tuple[str, ...]:
+    """The reading fields worth showing with the rule's alarm."""
+    fields: set[str] = set()
+    for condition in [rule.when, *(level.when for level in rule.levels)]:
+        if isinstance(condition, FieldCondition):
+            fields.add(condition.field)
+        elif isinstance(condition, AnyOf):
+            fields |= {c.field for c in condition.any_of if isinstance(c, FieldCondition)}
+        elif isinstance(condition, RateOfRise):
+            fields.add(condition.rate_of_rise)
+    return tuple(sorted(fields))
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A device's rules sorted for evaluation: its absence rule (fed by every message),
+    and the rules readings are matched against, each (rule, momentary, detail fields).
+    Correlations are left out: the ops of the rule they correlate drive them."""
+
+    rules: list[Rule]
+    absence: Rule | None
+    evaluated: tuple[tuple[Rule, bool, tuple[str, ...]], ...]
+
+    @classmethod
+    def of(cls, rules: list[Rule]) -> _Plan:
+        absence = next((r for r in rules if isinstance(r.when, Absence)), None)
+        evaluated = tuple(
+            (rule, rule.momentary, _detail_fields(rule))
+            for rule in rules
+            if not isinstance(rule.when, Absence | Correlation)
+        )
+        return cls(rules, absence, evaluated)

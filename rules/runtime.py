@@ -58,6 +58,7 @@ class RulesService:
         # and the timers must not interleave on the same keys.
         self.lock = asyncio.Lock()
         self._locator: CellLocator | None = None
+        self._hierarchy: dict[str, str | None] = {}
         self._windows: list[MaintenanceWindow] = []
 
     # -- cells and maintenance --------------------------------------------------------
@@ -85,7 +86,13 @@ class RulesService:
                 self._locator = await CellLocator.from_db(one)
         else:
             self._locator = await CellLocator.from_db(conn)
-        self.engine.forget_device_rules()
+        hierarchy = {cell.id: cell.parent_id for cell in self._locator.cells}
+        if hierarchy != self._hierarchy:
+            # Cell overrides follow the hierarchy. A device that moved cell gets a new
+            # plan by itself (the plan is keyed by its cell); re-resolving every
+            # device every few seconds would cost seconds of CPU at 100,000 devices.
+            self._hierarchy = hierarchy
+            self.engine.forget_device_rules()
         now = self.clock.now().timestamp()
         for device_id in self.devices():
             if device_id not in self.engine.heard:

@@ -69,7 +69,7 @@ async def running_ingest(settings: Settings) -> AsyncIterator[IngestService]:
     ]
     try:
         async with asyncio.timeout(WAIT_S):
-            while not service.source.subscribed.is_set():
+            while not service.subscribed():
                 for task in tasks:
                     if task.done():
                         task.result()

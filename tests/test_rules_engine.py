@@ -1328,8 +1328,24 @@ def test_uncommitted_evaluation_leaves_memory_untouched() -> None:
 
 
 def test_idle_state_is_forgotten() -> None:
-    # A field rule that neither fires nor waits keeps no state.
-    harness = Harness(ruleset(rule("t.full", FILL_80)))
+    # A field rule that neither fires nor waits keeps no state, and a reading that
+    # changes nothing writes nothing; a state that becomes idle is deleted.
+    harness = Harness(ruleset(rule("t.full", FILL_80, for_s=60)))
     harness.run([(0, "reading", "bin", {"fill": 10})])
+    assert harness.evaluations[-1].states == {}
+    harness.run([(1, "reading", "bin", {"fill": 90})])
+    assert harness.evaluations[-1].states[("bin", "t.full")] is not None
+    harness.run([(2, "reading", "bin", {"fill": 10})])
     assert harness.evaluations[-1].states == {("bin", "t.full"): None}
     assert harness.engine.states == {}
+
+
+def test_silence_watch_keeps_one_timer_entry_per_device() -> None:
+    # Every reading moves the device's deadline; the timer heap must not grow with the
+    # message count (100,000 devices at thousands of messages a second).
+    devices = {"b": DeviceInfo("b", "smart_bin", cell_id="g1", interval_s=60)}
+    harness = Harness(ruleset(rule("t.silent", {"absent_for_intervals": 2})), devices)
+    harness.run([(t, "reading", "b", {"fill": 10}) for t in range(0, 500, 5)])
+    assert len(harness.engine._absence_heap) == 1
+    assert harness.run([(614, "tick")]) == []
+    assert harness.run([(615, "tick")]) == [(615, "raise", "b", "t.silent", "minor", 1)]

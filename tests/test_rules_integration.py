@@ -60,7 +60,7 @@ async def running_pipeline(settings: Settings) -> AsyncIterator[RulesService]:
         asyncio.create_task(rules.run_timers(stop)),
     ]
     try:
-        assert await asyncio.to_thread(ingest.source.subscribed.wait, WAIT_S)
+        assert await ingest.wait_subscribed(WAIT_S)
         yield rules
     finally:
         stop.set()
