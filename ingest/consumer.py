@@ -51,6 +51,7 @@ DEDUP_PRUNE_INTERVAL_S = 600.0
 RECEIVE_MAXIMUM_BATCHES = 4
 EVENT_LANE_MAX_DELAY_S = 0.005  # events are few: commit them nearly one by one
 EVENT_LANE_RECEIVE_MAXIMUM = 1000
+DECODE_SLICE = 250  # messages decoded between two turns of the event loop (~3 ms)
 
 T = TypeVar("T")
 AfterCommit = Callable[[list[Reading]], Awaitable[None]]
@@ -211,11 +212,21 @@ class IngestService:
     async def _decode(self, lane: Lane, batch: list[RawMessage]) -> Decoded:
         metrics.RECEIVED.inc(len(batch))
         metrics.QUEUE_DEPTH.set(lane.source.depth())
-        decoded = self.decode(batch, skip_events=lane.skip_events)
+        decoded = await self._decode_yielding(batch, lane.skip_events)
         if self.directory.unknown_seen and self.directory.refresh_due():
             # A device imported moments ago: look again before dead-lettering it.
             await self._with_retry(self.directory.refresh)
-            decoded = self.decode(batch, skip_events=lane.skip_events)
+            decoded = await self._decode_yielding(batch, lane.skip_events)
+        return decoded
+
+    async def _decode_yielding(self, batch: list[RawMessage], skip_events: bool) -> Decoded:
+        """Decode in slices, letting the event loop run in between: the event lane, the
+        outbox and the HTTP API must not wait for a whole bulk batch."""
+        decoded = Decoded()
+        for start in range(0, len(batch), DECODE_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            self.decode(batch[start : start + DECODE_SLICE], skip_events=skip_events, into=decoded)
         return decoded
 
     async def _commit_and_ack(self, lane: Lane, batch: list[RawMessage], decoded: Decoded) -> None:
@@ -230,8 +241,10 @@ class IngestService:
         if self.after_commit is not None and result.stored:
             await self.after_commit(result.stored)
 
-    def decode(self, batch: list[RawMessage], *, skip_events: bool = False) -> Decoded:
-        decoded = Decoded()
+    def decode(
+        self, batch: list[RawMessage], *, skip_events: bool = False, into: Decoded | None = None
+    ) -> Decoded:
+        decoded = Decoded() if into is None else into
         head, tail = self._event_topic
         for message in batch:
             if skip_events and message.topic.endswith(tail) and message.topic.startswith(head):
