@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 HTTP_DRAIN_S = 5.0
 READINESS_TIMEOUT_S = 2.0
+GC_GEN0_THRESHOLD = 50_000  # allocations between young collections (default 700)
 
 
 class _Server(uvicorn.Server):
@@ -153,6 +155,12 @@ async def run_service(
             supervisor.add("http", http_task(app, sock))
             for name, make in (extra_tasks or {}).items():
                 supervisor.add(name, make(pool))
+            # The long-lived state is loaded (device directory, rule plans): keep the
+            # collector from scanning it again and again, and let young objects pile up
+            # longer between collections (one batch makes tens of thousands).
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(GC_GEN0_THRESHOLD, 20, 50)
             host, port = sock.getsockname()[:2]
             if on_ready is not None:
                 on_ready(f"http://{host}:{port}")

@@ -23,6 +23,7 @@ class DeviceDirectory:
     def __init__(self, refresh_min_interval_s: float = REFRESH_MIN_INTERVAL_S) -> None:
         self.devices: dict[str, DeviceInfo] = {}
         self._watermark: datetime | None = None
+        self._summary: tuple[object, ...] = ()
         self._last_refresh = 0.0
         self._refresh_min_interval_s = refresh_min_interval_s
         self.unknown_seen = False
@@ -41,6 +42,12 @@ class DeviceDirectory:
 
     async def refresh(self, conn: asyncpg.Connection | asyncpg.Pool) -> int:
         since = self._watermark or datetime.fromtimestamp(0).astimezone()
+        row = await conn.fetchrow(query("devices_changed_summary"), since)
+        summary = (since, *(row or ()))
+        if summary == self._summary:
+            self._last_refresh = time.monotonic()
+            self.unknown_seen = False
+            return 0
         rows = await conn.fetch(query("devices_changed_since"), since)
         for row in rows:
             self.devices[row["id"]] = DeviceInfo(
@@ -52,6 +59,7 @@ class DeviceDirectory:
                 building=row["building"],
             )
             self._watermark = row["updated_at"]
+        self._summary = summary  # taken before the fetch: a later change differs from it
         self._last_refresh = time.monotonic()
         self.unknown_seen = False
         return len(rows)

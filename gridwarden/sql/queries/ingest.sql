@@ -25,6 +25,13 @@ ON CONFLICT (device_id) DO UPDATE SET
 -- name: prune_dedup
 DELETE FROM telemetry_dedup WHERE received_at < now() - make_interval(secs => $1::float8);
 
+-- name: devices_changed_summary
+-- What devices_changed_since would return, in one row: unchanged means nothing to load
+-- (right after an import of 100,000 devices the minute of overlap would otherwise
+-- reload all of them every refresh).
+SELECT count(*) AS n, max(updated_at) AS latest
+FROM devices WHERE updated_at > $1::timestamptz - INTERVAL '1 minute';
+
 -- name: devices_changed_since
 -- The minute of overlap catches rows of an import transaction that started before
 -- the previous refresh but committed after it.

@@ -1,0 +1,64 @@
+"""The (device_id, seq) claim of `ingest.writer`, straight against PostgreSQL: the
+optimistic COPY and the fallback that sorts repeats out."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from gridwarden.readings import Reading
+from ingest.decode import Decoded
+from ingest.writer import write_batch
+from tests.ingest_helpers import TEST_DEVICES, register_devices
+
+NOW = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
+WINDOW_S = 3600.0
+
+
+def reading(seq: int, received_at: datetime = NOW) -> Reading:
+    return Reading("telemetry", "cover-1", received_at, received_at, seq, {"tilt": float(seq)})
+
+
+async def write(database_url: str, readings: list[Reading]) -> tuple[list[int | None], int]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        result = await write_batch(conn, Decoded(readings=readings), WINDOW_S)
+    finally:
+        await conn.close()
+    return [r.seq for r in result.stored], result.duplicates
+
+
+async def stored_seqs(database_url: str) -> list[int]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return [row["seq"] for row in await conn.fetch("SELECT seq FROM telemetry ORDER BY seq")]
+    finally:
+        await conn.close()
+
+
+async def test_new_sequences_are_claimed_in_one_go(database_url: str) -> None:
+    await register_devices(database_url, TEST_DEVICES)
+    assert await write(database_url, [reading(1), reading(2), reading(2), reading(3)]) == (
+        [1, 2, 3],
+        1,
+    )
+    assert await stored_seqs(database_url) == [1, 2, 3]
+
+
+async def test_a_batch_with_one_repeat_stores_only_the_new(database_url: str) -> None:
+    # The repeat makes the optimistic COPY fail: the fallback must keep the new ones
+    # (4, 5) and drop only the repeat (2), in the same transaction.
+    await register_devices(database_url, TEST_DEVICES)
+    await write(database_url, [reading(1), reading(2)])
+    assert await write(database_url, [reading(4), reading(2), reading(5)]) == ([4, 5], 1)
+    assert await stored_seqs(database_url) == [1, 2, 4, 5]
+
+
+async def test_a_sequence_seen_before_the_window_counts_as_new(database_url: str) -> None:
+    # Device counters wrap: a seq last seen longer ago than the window is a new message.
+    await register_devices(database_url, TEST_DEVICES)
+    long_ago = NOW - timedelta(seconds=WINDOW_S + 60)
+    await write(database_url, [reading(7, long_ago)])
+    assert await write(database_url, [reading(7), reading(8)]) == ([7, 8], 0)
+    assert await stored_seqs(database_url) == [7, 7, 8]
