@@ -12,20 +12,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import asyncpg
 import orjson
 
 from alerting.alarm_json import announce_alarm, iso
 from gridwarden.auth import Principal
-from gridwarden.clock import Clock
-from gridwarden.config import Settings
 from gridwarden.db import query
-
-if TYPE_CHECKING:
-    from rules.engine import AlarmOp
-    from rules.store import OnRaised
 
 OPEN_STATES = ("reported", "dispatched", "accepted", "on_site")
 LEVELS = ("grid_worker", "grid_leader", "community_staff", "street_staff")
@@ -116,6 +110,11 @@ def incident_key(alarm_source: str, device_building: str | None, kind: str, cell
     return alarm_source
 
 
+class OpenedCase(NamedTuple):
+    case_id: int
+    inserted: bool  # a new case (reported and dispatched), or False: joined an open one
+
+
 async def open_case_for_alarm(
     conn: asyncpg.Connection,
     alarm: asyncpg.Record,
@@ -127,8 +126,12 @@ async def open_case_for_alarm(
     topic_prefix: str,
     now: datetime,
     webhook_url: str | None = None,
-) -> int | None:
-    """Open a case for a raised alarm, or join the incident's open case."""
+    link: bool = True,
+) -> OpenedCase | None:
+    """Open a case for a raised alarm, or join the incident's open case (None: the alarm
+    has no cell, nobody to send). `link=False` leaves setting `alarms.case_id` to the
+    caller (`link_alarms`, once for a batch: the intake locks alarms only at the end of
+    its transaction, so ingest, upserting the same alarms, never waits long on it)."""
     cell_id = alarm["cell_id"]
     if cell_id is None:
         return None  # a device outside the grid: nobody to send; the alarm stays visible
@@ -151,9 +154,8 @@ async def open_case_for_alarm(
         now,
     )
     assert case is not None
-    linked = await conn.fetchrow(query("alarm_link_case"), alarm["id"], case["id"])
-    if linked is not None:
-        await announce_alarm(conn, linked, "repeated", topic_prefix)  # feed only
+    if link:
+        await link_alarms(conn, {alarm["id"]: case["id"]})
     if case["inserted"]:
         await add_event(conn, case["id"], now, SYSTEM, "reported", None, "reported",
                         {"alarm_id": alarm["id"], "rule": alarm["rule"]})  # fmt: skip
@@ -163,7 +165,18 @@ async def open_case_for_alarm(
         joined = {"alarm_id": alarm["id"], "rule": alarm["rule"]}
         await add_event(conn, case["id"], now, SYSTEM, "alarm_joined", case["state"],
                         case["state"], joined)  # fmt: skip
-    return int(case["id"])
+    return OpenedCase(int(case["id"]), bool(case["inserted"]))
+
+
+async def link_alarms(conn: asyncpg.Connection, links: dict[int, int]) -> int:
+    """Set `case_id` of the alarms (alarm id → case id): the alarms are locked in id order
+    in one statement, and each one whose link changed is told to the live feed (a
+    `repeated` change: no MQTT message). Returns how many changed."""
+    if not links:
+        return 0
+    ids = sorted(links)
+    rows = await conn.fetch(query("alarms_link_cases"), ids, [links[i] for i in ids])
+    return len(rows)
 
 
 async def open_case_for_report(
@@ -671,23 +684,3 @@ async def case_json(
             for e in await conn.fetch(query("case_timeline"), case["id"])
         ]  # fmt: skip
     return out
-
-
-def case_opener(settings: Settings, clock: Clock) -> OnRaised:
-    """The rules engine's hook: every raised alarm opens or joins a case, in the
-    alarm's own transaction (so an alarm never exists without its case)."""
-
-    async def on_raised(conn: asyncpg.Connection, alarm: asyncpg.Record, op: AlarmOp) -> None:
-        await open_case_for_alarm(
-            conn,
-            alarm,
-            source=op.source,
-            building=op.building,
-            details=op.details,
-            policy=settings.sla_policy(alarm["severity"]),
-            topic_prefix=settings.topic_prefix,
-            now=clock.now(),
-            webhook_url=settings.webhook_url,
-        )
-
-    return on_raised

@@ -402,8 +402,17 @@ class OutboxPublisher:
 
     # -- database side
 
+    def _listening(self) -> bool:
+        conn = self._listener
+        if conn is None:
+            return False
+        try:
+            return not conn.is_closed()
+        except asyncpg.InterfaceError:  # the pool took it back: its connection was lost
+            return False
+
     async def _ensure_listener(self) -> None:
-        if self._listener is not None and not self._listener.is_closed():
+        if self._listening():
             return
         await self._release_listener()
         try:

@@ -99,10 +99,10 @@ async def run_service(
     """Run until SIGTERM/SIGINT (clean return) or a task failure (TaskDied)."""
     from alerting.alarms_api import AlarmFeed, attach_alarms
     from alerting.alarms_api import router as alarms_router
-    from alerting.cases import case_opener
     from alerting.cases_api import attach_cases
     from alerting.cases_api import router as cases_router
     from alerting.cells_api import router as cells_router
+    from alerting.intake import case_intake_task
     from alerting.outbox import outbox_task
     from alerting.pages import attach_pages
     from alerting.sla import sla_task
@@ -124,7 +124,7 @@ async def run_service(
             await ingest.directory.refresh(pool)
             rules = RulesService(
                 settings, pool, ingest.directory.lookup, devices=ingest.directory.ids,
-                ruleset=ruleset, on_raised=case_opener(settings, clock),
+                ruleset=ruleset,
             )  # fmt: skip
             await rules.start()
             ingest.rules = rules
@@ -150,6 +150,9 @@ async def run_service(
             supervisor.add("rules-timers", rules.run_timers)
             supervisor.add("rules-refresh", rules.run_refresh)
             supervisor.add("alarm-feed", feed.run)
+            # Raised alarms are queued in the ingest transaction; their cases are opened
+            # here, out of it (alerting.intake).
+            supervisor.add("case-intake", case_intake_task(pool, settings, clock))
             supervisor.add("outbox", outbox_task(pool, mqtt_url))
             supervisor.add("sla", sla_task(pool, settings, clock))
             supervisor.add("http", http_task(app, sock))

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -22,9 +21,10 @@ from pydantic import ValidationError
 from alerting import cases
 from alerting.alarms_api import AlarmFeed, attach_alarms
 from alerting.alarms_api import router as alarms_router
-from alerting.cases import SYSTEM, Actor, case_opener, open_case_for_report
+from alerting.cases import SYSTEM, Actor, open_case_for_report
 from alerting.cases_api import attach_cases
 from alerting.cases_api import router as cases_router
+from alerting.intake import CaseIntake
 from alerting.outbox import OUTBOX_ID_HEADER, OutboxPublisher
 from alerting.sla import SlaTimers
 from gridwarden.auth import create_token
@@ -34,6 +34,8 @@ from gridwarden.db import create_pool
 from gridwarden.embedded import free_port
 from gridwarden.service import bind_http, http_task
 from gridwarden.web import AppState, create_app
+from rules.engine import AlarmOp
+from rules.store import apply_op
 from tests.ingest_helpers import WAIT_S, wait_for
 
 T0 = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
@@ -360,7 +362,7 @@ async def test_an_unreachable_webhook_does_not_hold_back_mqtt(city: City, mqtt_u
 
 async def test_every_notification_path_queues_the_webhook(city: City) -> None:
     """The setting reaches notify_worker from the cases API (reports and actions), the SLA
-    timer and the rules engine's case opener."""
+    timer and the case intake (a raised alarm's case)."""
     url = "https://hooks.example.org/gw"
     config = settings(city.prefix, url)
     app = create_app(AppState(city.pool), routers=[cases_router])
@@ -380,14 +382,10 @@ async def test_every_notification_path_queues_the_webhook(city: City) -> None:
     assert await SlaTimers(city.pool, config, city.clock).tick_once() == 1
 
     async with city.pool.acquire() as conn, conn.transaction():
-        alarm = await conn.fetchrow(
-            "INSERT INTO alarms (source, device_id, kind, rule, severity, cell_id, first_seen, "
-            "last_seen) VALUES ('cover-1', 'cover-1', 'manhole_cover', 'manhole.open', 'major', "
-            "'g3', $1, $1) RETURNING *",
-            city.clock.now(),
-        )
-        op = SimpleNamespace(source="cover-1", building=None, details={})
-        await case_opener(config, city.clock)(conn, alarm, op)  # type: ignore[arg-type]
+        op = AlarmOp("raise", "cover-1", "manhole.open", "cover-1", "manhole_cover", "major",
+                     "g3", None, city.clock.now())  # fmt: skip
+        await apply_op(conn, op, city.prefix)
+    assert await CaseIntake(city.pool, config, city.clock).drain() == 1
 
     hooks = [(r["topic"], orjson.loads(r["payload"])) for r in await outbox(city.pool, "webhook")]
     mqtt = [orjson.loads(r["payload"]) for r in await outbox(city.pool, "mqtt")]

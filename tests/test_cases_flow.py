@@ -1,5 +1,6 @@
-"""Alarms into cases under concurrency, and a case notification that survives kill -9
-between the commit that wrote it and the broker's PUBACK."""
+"""Alarms into cases under concurrency (the raises, then the case intakes that open the
+cases, several at once), and a case notification that survives kill -9 between the commit
+that wrote it and the broker's PUBACK."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import aiomqtt
 import asyncpg
 import orjson
 
-from alerting.cases import case_opener
+from alerting.intake import CaseIntake
 from alerting.outbox import OUTBOX_ID_PROPERTY
 from gridwarden.clock import ManualClock
 from gridwarden.config import Settings
@@ -49,20 +50,28 @@ def smoke(device_id: str, building: str) -> AlarmOp:
                    "g1", building, T0)  # fmt: skip
 
 
+INTAKES = 8
+
+
 async def raise_concurrently(database_url: str, prefix: str, ops: list[AlarmOp]) -> None:
-    """Each op in its own transaction, all at once, with the service's case opener."""
+    """Each op in its own transaction, all at once; then the queued alarms get their cases
+    from several case intakes at once, one alarm per batch (as several instances would)."""
     settings = Settings(topic_prefix=prefix, data_dir=Path("/tmp/gridwarden-tests-unused"))
-    on_raised = case_opener(settings, ManualClock(T0))
     pool = await create_pool(database_url, min_size=20, max_size=25)
 
     async def one(op: AlarmOp) -> None:
         conn: asyncpg.Connection
         async with pool.acquire() as conn, conn.transaction():
-            await apply_op(conn, op, prefix, on_raised=on_raised)
+            await apply_op(conn, op, prefix)
 
+    intakes = [CaseIntake(pool, settings, ManualClock(T0), batch=1) for _ in range(INTAKES)]
     try:
         async with asyncio.timeout(WAIT_S * 2):
+            cases = await pool.fetchval("SELECT count(*) FROM cases")
             await asyncio.gather(*(one(op) for op in ops))
+            assert await pool.fetchval("SELECT count(*) FROM cases") == cases  # none inline
+            await asyncio.gather(*(intake.drain() for intake in intakes))
+        assert await pool.fetchval("SELECT count(*) FROM case_intake") == 0
     finally:
         await pool.close()
 

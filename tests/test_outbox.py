@@ -272,3 +272,24 @@ async def test_a_refused_message_is_held_back_and_the_rest_go_out(
     assert 1 <= state[1]["attempts"] <= 4
     assert metric("gridwarden_outbox_failures_total", reason="rejected") >= rejected_before + 1
     assert metric("gridwarden_outbox_lag_seconds") > 0
+
+
+async def test_a_lost_listening_connection_is_replaced(
+    pool: asyncpg.Pool, mqtt_url: str, topic_prefix: str
+) -> None:
+    """The publisher's LISTEN connection is killed by the server: the pool takes it back,
+    and the publisher keeps going and listens again on another one (it used to die on the
+    released connection)."""
+    publisher = OutboxPublisher(pool, mqtt_url, poll_s=0.2)
+    async with collecting(mqtt_url, f"{topic_prefix}/#") as received, running(publisher) as tasks:
+        listener = await wait_for(lambda: asyncio.sleep(0, publisher._listener), bool)
+        pid = listener.get_server_pid()
+        assert await pool.fetchval("SELECT pg_terminate_backend($1)", pid)
+        await wait_for(
+            lambda: asyncio.sleep(0, publisher._listening() and publisher._listener),
+            lambda conn: bool(conn) and conn.get_server_pid() != pid,
+        )
+        ids = await enqueue(pool, [(f"{topic_prefix}/x", {"n": 1})])
+        await wait_received(received, 1)
+        assert not tasks[0].done()
+    assert [outbox_id(m) for m in received] == ids

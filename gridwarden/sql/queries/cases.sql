@@ -68,11 +68,6 @@ WHERE case_id = $1 ORDER BY id;
 -- name: case_alarm_ids
 SELECT id FROM alarms WHERE case_id = $1 ORDER BY id;
 
--- name: alarm_link_case
-UPDATE alarms SET case_id = $2, updated_at = now() WHERE id = $1 AND case_id IS DISTINCT FROM $2
-RETURNING id, device_id, kind, rule, severity, state, cell_id, first_seen, last_seen, count,
-          cleared_at, case_id;
-
 -- name: case_close_alarms
 UPDATE alarms SET state = 'closed', closed_at = $2, updated_at = now()
 WHERE case_id = $1 AND state <> 'closed'
