@@ -41,6 +41,11 @@ class ConfigError(Exception):
     """Bad configuration; the message names the key and the bad value (exit code 2)."""
 
 
+# The parts of the service one process can run (`GRIDWARDEN_ROLES`); they talk only
+# through PostgreSQL (case intake, outbox, LISTEN/NOTIFY), so they may run apart.
+ROLES = ("ingest", "alerting", "api")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRIDWARDEN_", frozen=True, extra="forbid")
 
@@ -67,6 +72,11 @@ class Settings(BaseSettings):
         default=None, description="extra rule files (*.toml): new rules, replacements, overrides"
     )
     rules_tick_s: float = Field(default=0.2, gt=0, le=5, description="timer resolution")
+    roles: str = Field(
+        default=",".join(ROLES),
+        description="what this process runs, comma-separated: ingest (with the rules), "
+        "alerting (case intake, outbox, SLA timers), api (HTTP API, consoles, live feed)",
+    )
     # SLA targets per priority, seconds from the case's report time (the seeds: on site
     # within 10 minutes, feedback within 30; critical tighter). `escalate_s` is the new
     # deadline given to the next level after a missed one.
@@ -109,6 +119,19 @@ class Settings(BaseSettings):
             step: getattr(self, f"sla_{priority}_{step}_s")
             for step in ("accept", "arrive", "resolve", "escalate")
         }
+
+    @property
+    def role_set(self) -> frozenset[str]:
+        return frozenset(self.roles.split(","))
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, value: str) -> str:
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        unknown = [part for part in parts if part not in ROLES]
+        if unknown or not parts:
+            raise ValueError(f"must name one or more of {', '.join(ROLES)}")
+        return ",".join(role for role in ROLES if role in parts)
 
     @field_validator("database_url")
     @classmethod

@@ -120,41 +120,43 @@ async def run_service(
         pool = await create_pool(database_url)
         try:
             clock = SystemClock()
-            ingest = IngestService(settings, pool, mqtt_url)
-            await ingest.directory.refresh(pool)
-            rules = RulesService(
-                settings, pool, ingest.directory.lookup, devices=ingest.directory.ids,
-                ruleset=ruleset,
-            )  # fmt: skip
-            await rules.start()
-            ingest.rules = rules
-            state = AppState(
-                pool,
-                readiness={
-                    "database": database_check(pool),
-                    "broker": broker_check(ingest.is_connected),
-                },
-                web=WebConfig.from_settings(settings),
-            )
-            app = create_app(
-                state, routers=[ingest_router, alarms_router, cases_router, cells_router]
-            )
-            attach_pages(app)
-            attach_cases(app, settings=settings, clock=clock)
-            feed = AlarmFeed(pool)
-            attach_alarms(app, feed=feed, topic_prefix=settings.topic_prefix)
+            roles = settings.role_set
+            readiness = {"database": database_check(pool)}
             supervisor = Supervisor()
             supervisor.install_signal_handlers()
-            supervisor.add("ingest", ingest.run)
-            supervisor.add("ingest-maintenance", ingest.maintain)
-            supervisor.add("rules-timers", rules.run_timers)
-            supervisor.add("rules-refresh", rules.run_refresh)
-            supervisor.add("alarm-feed", feed.run)
-            # Raised alarms are queued in the ingest transaction; their cases are opened
-            # here, out of it (alerting.intake).
-            supervisor.add("case-intake", case_intake_task(pool, settings, clock))
-            supervisor.add("outbox", outbox_task(pool, mqtt_url))
-            supervisor.add("sla", sla_task(pool, settings, clock))
+            if "ingest" in roles:
+                # Rules are evaluated inside the ingest transaction: one role.
+                ingest = IngestService(settings, pool, mqtt_url)
+                await ingest.directory.refresh(pool)
+                rules = RulesService(
+                    settings, pool, ingest.directory.lookup, devices=ingest.directory.ids,
+                    ruleset=ruleset,
+                )  # fmt: skip
+                await rules.start()
+                ingest.rules = rules
+                readiness["broker"] = broker_check(ingest.is_connected)
+                supervisor.add("ingest", ingest.run)
+                supervisor.add("ingest-maintenance", ingest.maintain)
+                supervisor.add("rules-timers", rules.run_timers)
+                supervisor.add("rules-refresh", rules.run_refresh)
+            if "alerting" in roles:
+                # Raised alarms are queued in the ingest transaction; their cases are
+                # opened here, out of it (alerting.intake).
+                supervisor.add("case-intake", case_intake_task(pool, settings, clock))
+                supervisor.add("outbox", outbox_task(pool, mqtt_url))
+                supervisor.add("sla", sla_task(pool, settings, clock))
+            state = AppState(pool, readiness=readiness, web=WebConfig.from_settings(settings))
+            if "api" in roles:
+                app = create_app(
+                    state, routers=[ingest_router, alarms_router, cases_router, cells_router]
+                )
+                attach_pages(app)
+                attach_cases(app, settings=settings, clock=clock)
+                feed = AlarmFeed(pool)
+                attach_alarms(app, feed=feed, topic_prefix=settings.topic_prefix)
+                supervisor.add("alarm-feed", feed.run)
+            else:
+                app = create_app(state)  # health, readiness and metrics only
             supervisor.add("http", http_task(app, sock))
             for name, make in (extra_tasks or {}).items():
                 supervisor.add(name, make(pool))

@@ -202,3 +202,53 @@ async def test_an_alarm_reaches_the_api_and_its_cell_topic(
             acked = orjson.loads((await anext(aiter(console.messages))).payload)
         assert (acked["id"], acked["change"], acked["state"]) == (
             raised["id"], "acknowledged", "acknowledged")  # fmt: skip
+
+
+async def test_roles_split_over_two_processes(database_url, mqtt_url, topic_prefix, tmp_path):
+    # One process ingests (with the rules), another runs alerting and the API; they meet
+    # only in PostgreSQL: the alarm the first one raises is announced by the second's
+    # outbox and listed by its API, and the first one serves no API at all.
+    import aiomqtt
+    import orjson
+
+    from gridwarden.auth import create_token
+    from gridwarden.mqtt_url import parse_mqtt_url
+    from tests.test_rules_integration import register
+
+    await register(database_url, [("smoke-8", "smoke_detector", 300, "6号楼")])
+    conn = await asyncpg.connect(database_url)
+    try:
+        token = await create_token(conn, "operator")
+    finally:
+        await conn.close()
+    base = service_env(database_url, mqtt_url, topic_prefix, tmp_path)
+    ingest_env = dict(base, GRIDWARDEN_ROLES="ingest")
+    rest_env = dict(base, GRIDWARDEN_ROLES="alerting,api", GRIDWARDEN_DATA_DIR=str(tmp_path / "b"))
+    endpoint = parse_mqtt_url(mqtt_url)
+    async with (
+        service_process(ingest_env) as (_, ingest_url),
+        service_process(rest_env) as (_, api_url),
+        aiomqtt.Client(endpoint.host, endpoint.port, identifier=f"c-{topic_prefix}") as console,
+        publisher(mqtt_url) as device,
+        httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http,
+    ):
+        await console.subscribe(f"{topic_prefix}/alarms/#", qos=1)
+        await publish(device, f"{topic_prefix}/dev/smoke-8/event", {"seq": 1, "event": "alarm"})
+        async with asyncio.timeout(WAIT_S):
+            raised = orjson.loads((await anext(aiter(console.messages))).payload)
+        assert (raised["rule"], raised["device_id"]) == ("smoke.alarm", "smoke-8")
+        listed = (await http.get(f"{api_url}/api/alarms", params={"device": "smoke-8"})).json()
+        assert [a["id"] for a in listed["items"]] == [raised["id"]]
+        assert (await http.get(f"{ingest_url}/api/alarms")).status_code == 404
+        assert (await http.get(f"{ingest_url}/metrics")).status_code == 200
+        stored = await fetchval(database_url, "SELECT count(*) FROM device_events")
+        assert stored == 1
+
+
+def test_an_unknown_role_exits_2(tmp_path):
+    env = dict(os.environ, GRIDWARDEN_ROLES="ingest,billing", GRIDWARDEN_DATA_DIR=str(tmp_path))
+    result = subprocess.run(
+        [*GRIDWARDEN, "up"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2
+    assert "GRIDWARDEN_ROLES" in result.stderr
