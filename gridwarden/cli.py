@@ -234,11 +234,24 @@ def token_create(role: str, worker_id: str | None, label: str, **kwargs: Any) ->
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON object on stdout")
 @click.option("--qos", type=click.Choice(["0", "1"]), default="1", show_default=True,
               help="QoS of the live load in the latency phases (throughput is QoS 1)")  # fmt: skip
-def bench(devices: int, duration: float, as_json: bool, qos: str) -> None:
+@click.option("--scaling", is_flag=True,
+              help="also: ingest and peak RSS at 1k-1M devices, CPU per message at 25/50/100 %"
+                   " of the ingest rate (several more minutes)")  # fmt: skip
+@click.option("--scaling-devices", default="1000,10000,100000,1000000", show_default=True,
+              help="registered-device counts for --scaling, comma-separated")  # fmt: skip
+def bench(
+    devices: int, duration: float, as_json: bool, qos: str, scaling: bool, scaling_devices: str
+) -> None:
     """Benchmark ingest, alarm and notification latency on private servers (see README)."""
     from gridwarden.bench import main as run_bench
 
-    run_bench(devices, duration, as_json, int(qos))
+    try:
+        sizes = tuple(int(n) for n in scaling_devices.split(",") if n.strip())
+    except ValueError:
+        raise click.BadParameter(
+            "integers separated by commas", param_hint="--scaling-devices"
+        ) from None
+    run_bench(devices, duration, as_json, int(qos), scaling=scaling, scaling_devices=sizes)
 
 
 def _mount_sim() -> None:
