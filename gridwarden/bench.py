@@ -849,7 +849,7 @@ def _services(
     root = Path(tempfile.mkdtemp(prefix="gridwarden-bench-"))
     root.chmod(0o711)  # the servers' unprivileged account must traverse it
     postgres = EmbeddedPostgres(root / "data")
-    mosquitto = EmbeddedMosquitto(root / "data")
+    mosquitto = EmbeddedMosquitto(root / "data", anonymous=True)
     try:
         progress("starting PostgreSQL and Mosquitto")
         dsn = postgres.start()

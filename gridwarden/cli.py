@@ -119,6 +119,10 @@ def _serve(settings: Settings, *, demo: bool, speedup: float = 30.0) -> None:
         sys.exit(EXIT_BAD_CONFIG)
     try:
         with _services(settings) as (database_url, mqtt_url):
+            if settings.mqtt_url is None:
+                from gridwarden.embedded import with_embedded_broker_files
+
+                settings = with_embedded_broker_files(settings)
             extra: dict[str, Any] = {}
             ready: Callable[[str], None] = _print_ready
             if demo:
@@ -226,6 +230,105 @@ def token_create(role: str, worker_id: str | None, label: str, **kwargs: Any) ->
             )
             sys.exit(EXIT_FAILED)
     click.echo(value)
+
+
+@main.group()
+def credentials() -> None:
+    """Broker accounts: per-device MQTT credentials and ACLs (see README, Broker security)."""
+
+
+@credentials.command(name="issue")
+@click.argument("kind", type=click.Choice(["device", "gateway", "worker", "operator"]))
+@click.argument("names", nargs=-1)
+@click.option("--all-devices", is_flag=True, help="every registered device without an account")
+@common_options
+def credentials_issue(kind: str, names: tuple[str, ...], all_devices: bool, **kwargs: Any) -> None:
+    """Create accounts (or rotate their passwords); prints `username,password` CSV once.
+
+    NAMES are device ids, worker ids, or free names for gateways and operators. The
+    running service reloads the broker within seconds.
+    """
+    from gridwarden import broker_auth
+
+    if all_devices and (kind != "device" or names):
+        raise click.UsageError("--all-devices goes with the kind `device` and no names")
+    if not names and not all_devices:
+        raise click.UsageError("name one or more accounts, or use --all-devices")
+
+    async def issue(conn: asyncpg.Connection) -> list[tuple[str, str]]:
+        if kind == "device":
+            return await broker_auth.issue_for_devices(conn, None if all_devices else names)
+        async with conn.transaction():
+            return [await broker_auth.issue(conn, kind, name) for name in names]  # type: ignore[arg-type]
+
+    settings = _settings(kwargs)
+    with _services(settings, broker=False) as (database_url, _):
+        try:
+            issued = _run(_with_connection(database_url, issue))
+        except broker_auth.BrokerAuthError as exc:
+            click.echo(f"gridwarden: {exc}", err=True)
+            sys.exit(EXIT_FAILED)
+    click.echo("username,password")
+    for username, password in issued:
+        click.echo(f"{username},{password}")
+
+
+@credentials.command(name="revoke")
+@click.argument("usernames", nargs=-1, required=True)
+@common_options
+def credentials_revoke(usernames: tuple[str, ...], **kwargs: Any) -> None:
+    """Revoke broker accounts by user name (the broker refuses them after its reload)."""
+    from gridwarden import broker_auth
+
+    async def revoke(conn: asyncpg.Connection) -> list[str]:
+        return [name for name in usernames if not await broker_auth.revoke(conn, name)]
+
+    settings = _settings(kwargs)
+    with _services(settings, broker=False) as (database_url, _):
+        unknown = _run(_with_connection(database_url, revoke))
+    for name in unknown:
+        click.echo(f"gridwarden: no live account {name!r}", err=True)
+    sys.exit(EXIT_FAILED if unknown else 0)
+
+
+@credentials.command(name="list")
+@common_options
+def credentials_list(**kwargs: Any) -> None:
+    """Every broker account (no passwords: only their hashes are kept)."""
+    from gridwarden.db import query
+
+    async def fetch(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+        return list(await conn.fetch(query("list_mqtt_accounts")))
+
+    settings = _settings(kwargs)
+    with _services(settings, broker=False) as (database_url, _):
+        rows = _run(_with_connection(database_url, fetch))
+    click.echo("username,kind,subject,created_at,revoked_at")
+    for row in rows:
+        revoked = row["revoked_at"].isoformat() if row["revoked_at"] else ""
+        click.echo(f"{row['username']},{row['kind']},{row['subject'] or ''},"
+                   f"{row['created_at'].isoformat()},{revoked}")  # fmt: skip
+
+
+@credentials.command(name="write-broker-files")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@common_options
+def credentials_write(directory: Path, **kwargs: Any) -> None:
+    """Write Mosquitto's `passwd` and `acl` files into DIRECTORY once (for a broker the
+    service does not manage; `GRIDWARDEN_BROKER_AUTH_DIR` keeps them current instead)."""
+    from gridwarden import broker_auth
+
+    settings = _settings(kwargs)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = broker_auth.BrokerFiles(directory)
+
+    async def write(conn: asyncpg.Connection) -> bool:
+        mqtt_url = settings.mqtt_url or "mqtt://localhost"
+        return await broker_auth.sync_broker_files(conn, files, settings.topic_prefix, mqtt_url)
+
+    with _services(settings, broker=False) as (database_url, _):
+        _run(_with_connection(database_url, write))
+    click.echo(f"{files.password_file}\n{files.acl_file}")
 
 
 @main.command()

@@ -115,6 +115,14 @@ class Settings(BaseSettings):
 
     def sla_policy(self, priority: str) -> dict[str, int]:
         """The SLA targets for one priority, as stored in each case's policy snapshot."""
+    broker_auth_dir: Path | None = Field(
+        default=None,
+        description="write Mosquitto's password_file (passwd) and acl_file (acl) here from "
+        "the broker accounts; unset: not managed (the embedded broker's are, always)",
+    )
+    broker_pid_file: Path | None = Field(
+        default=None, description="the broker's pid file: SIGHUP after the files change"
+    )
         return {
             step: getattr(self, f"sla_{priority}_{step}_s")
             for step in ("accept", "arrive", "resolve", "escalate")

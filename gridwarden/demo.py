@@ -10,9 +10,12 @@ from pathlib import Path
 import asyncpg
 import click
 
+from gridwarden import broker_auth
 from gridwarden.auth import create_token
+from gridwarden.broker_auth import BrokerFiles
 from gridwarden.config import Settings
 from gridwarden.migrate import migrate
+from gridwarden.mqtt_url import with_user
 from gridwarden.registry import import_file
 from gridwarden.sample_city import write_sample_city
 from gridwarden.supervisor import TaskFn
@@ -55,6 +58,14 @@ async def prepare_demo(
             row["id"]: await create_token(conn, "worker", row["id"], label="demo crew")
             for row in await conn.fetch("SELECT id FROM workers WHERE on_duty")
         }
+        sim_url, crew_url = mqtt_url, mqtt_url
+        if settings.broker_auth_dir is not None:
+            # The embedded broker lets nobody in anonymously: the simulator publishes as a
+            # gateway (for all its devices), the crew reads the workers' topics as an operator.
+            sim_url = with_user(mqtt_url, *await broker_auth.issue(conn, "gateway", "demo-sim"))
+            crew_url = with_user(mqtt_url, *await broker_auth.issue(conn, "operator", "demo-crew"))
+            broker = BrokerFiles(settings.broker_auth_dir, pid_file=settings.broker_pid_file)
+            await broker_auth.sync_broker_files(conn, broker, settings.topic_prefix, mqtt_url)
     finally:
         await conn.close()
     devices = load_devices_from_csv(Path(files.devices))
@@ -62,7 +73,7 @@ async def prepare_demo(
     def simulator(pool: asyncpg.Pool) -> TaskFn:
         async def run(stop: asyncio.Event) -> None:
             await run_fleet(
-                mqtt_url,
+                sim_url,
                 devices,
                 prefix=settings.topic_prefix,
                 speedup=speedup,
@@ -77,7 +88,7 @@ async def prepare_demo(
 
     def crew(pool: asyncpg.Pool) -> TaskFn:
         async def run(stop: asyncio.Event) -> None:
-            await run_crew(mqtt_url, api["url"], worker_tokens, crew_token,
+            await run_crew(crew_url, api["url"], worker_tokens, crew_token,
                            prefix=settings.topic_prefix, speedup=speedup, stop=stop)  # fmt: skip
 
         return run

@@ -38,8 +38,17 @@ from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import psycopg
+
+from gridwarden.broker_auth import (
+    ACL_FILE,
+    PASSWORD_FILE,
+    BrokerFiles,
+    new_password,
+)
+from gridwarden.broker_auth import service_account as broker_service_account
 
 if TYPE_CHECKING:
     from gridwarden.config import Settings
@@ -67,6 +76,7 @@ POSTGRES_SHARED_BUFFERS = "128MB"
 UNIX_SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
 MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto",)
+SERVICE_USERNAME = "service/gridwarden"  # the embedded broker's account for the service
 MOSQUITTO_START_TIMEOUT_S = 15.0
 MOSQUITTO_STOP_TIMEOUT_S = 30.0
 MOSQUITTO_AUTOSAVE_INTERVAL_S = 1
@@ -618,15 +628,26 @@ def find_mosquitto(candidates: Sequence[str] | None = None) -> Path:
 
 
 class EmbeddedMosquitto:
-    """A private Mosquitto broker under ``data_dir/mosquitto``, on 127.0.0.1 only."""
+    """A private Mosquitto broker under ``data_dir/mosquitto``, on 127.0.0.1 only.
 
-    def __init__(self, data_dir: Path, *, account: ServiceAccount | None = None) -> None:
+    With authentication on (the default), anonymous clients are refused: the broker reads
+    ``passwd`` and ``acl`` in its home, rendered from the broker accounts by the service
+    (gridwarden.broker_auth), and the service itself connects as ``service/gridwarden``
+    with the random password kept in ``service.secret``. ``anonymous=True`` is for tests
+    and the benchmark only.
+    """
+
+    def __init__(
+        self, data_dir: Path, *, account: ServiceAccount | None = None, anonymous: bool = False
+    ) -> None:
         self.data_dir = Path(os.path.abspath(data_dir))
         self.home = self.data_dir / "mosquitto"
         self.config_file = self.home / "mosquitto.conf"
         self.log_file = self.home / "mosquitto.log"
         self.port_file = self.home / "port"
         self.pid_file = self.home / "pid"
+        self.secret_file = self.home / "service.secret"
+        self.anonymous = anonymous
         self._account = account
         self._process: subprocess.Popen[bytes] | None = None
         self.port: int | None = None
@@ -639,9 +660,45 @@ class EmbeddedMosquitto:
 
     @property
     def url(self) -> str:
+        """The service's URL: with its credentials when authentication is on."""
+        if self.port is None:
+            raise EmbeddedServiceError("the embedded Mosquitto has not been started")
+        if self.anonymous:
+            return f"mqtt://{LOOPBACK}:{self.port}"
+        user = quote(SERVICE_USERNAME, safe="")
+        return f"mqtt://{user}:{quote(self._service_password(), safe='')}@{LOOPBACK}:{self.port}"
+
+    @property
+    def anonymous_url(self) -> str:
+        """The broker's address without credentials (what devices are configured with)."""
         if self.port is None:
             raise EmbeddedServiceError("the embedded Mosquitto has not been started")
         return f"mqtt://{LOOPBACK}:{self.port}"
+
+    def broker_files(self) -> BrokerFiles:
+        """Where the service keeps this broker's password and ACL files."""
+        return BrokerFiles(self.home, pid_file=self.pid_file, owner=self.account.own)
+
+    def _service_password(self) -> str:
+        """The service account's password: made once, kept in the data dir (mode 0600)."""
+        try:
+            return self.secret_file.read_text().strip()
+        except FileNotFoundError:
+            password = new_password()
+            fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(password + "\n")
+            return password
+
+    def _prepare_auth(self) -> None:
+        """Before the broker starts: files that let the service in. Accounts written by an
+        earlier run stay (the service rewrites both files once it reads the registry)."""
+        files = self.broker_files()
+        own = broker_service_account(self.url, files.password_file)
+        assert own is not None
+        current = files.password_file.read_text() if files.password_file.exists() else ""
+        if f"\n{own.username}:{own.password_hash}\n" not in current or not files.acl_file.exists():
+            files.write([own], prefix="gw")  # the service account's rules use no prefix
 
     def running_pid(self) -> int | None:
         """The pid of our broker (started by us, or left over by an earlier run)."""
@@ -673,6 +730,9 @@ class EmbeddedMosquitto:
         tried: list[int] = []
         while True:
             port = _choose_port(self.port_file, self.account, exclude=tried)
+            self.port = port
+            if not self.anonymous:
+                self._prepare_auth()
             self._write_config(port)
             offset = _log_size(self.log_file)
             process = self._spawn(binary)
@@ -761,6 +821,18 @@ class EmbeddedMosquitto:
 
     def _write_config(self, port: int) -> None:
         home = str(self.home)
+        if self.anonymous:
+            auth = (
+                "# Tests and the benchmark only: anyone here may connect.\nallow_anonymous true\n"
+            )
+        else:
+            auth = (
+                "# Every client logs in; each may publish and read only its own topics. Both\n"
+                "# files are rendered from the broker accounts (gridwarden.broker_auth);\n"
+                "# SIGHUP reloads them.\n"
+                f"allow_anonymous false\npassword_file {home}/{PASSWORD_FILE}\n"
+                f"acl_file {home}/{ACL_FILE}\n"
+            )
         text = f"""\
 # Written by gridwarden on every start of the embedded broker: edits are lost.
 # Without `-d`; stopped with SIGTERM, on which it saves its persistence file.
@@ -769,11 +841,7 @@ class EmbeddedMosquitto:
 user {self.account.name}
 
 listener {port} {LOOPBACK}
-# Anonymous clients are accepted because this broker listens on the loopback interface only,
-# as the zero-configuration default for one machine. A shared broker (with users and ACLs,
-# see deploy/) is configured with GRIDWARDEN_MQTT_URL.
-allow_anonymous true
-set_tcp_nodelay true
+{auth}set_tcp_nodelay true
 
 # Persistent sessions, subscriptions and queued QoS 1/2 messages survive a restart: written on
 # SIGTERM, and every {MOSQUITTO_AUTOSAVE_INTERVAL_S}s so a kill -9 loses at most that much.
@@ -804,6 +872,14 @@ log_timestamp_format %Y-%m-%dT%H:%M:%S
 
 
 # --------------------------------------------------------------------------- for `gridwarden up`
+
+
+def with_embedded_broker_files(settings: Settings) -> Settings:
+    """The settings with the embedded broker's password/ACL files managed by the service."""
+    broker = EmbeddedMosquitto(settings.data_dir)
+    return settings.model_copy(
+        update={"broker_auth_dir": broker.home, "broker_pid_file": broker.pid_file}
+    )
 
 
 @contextmanager

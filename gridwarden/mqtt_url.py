@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 DEFAULT_MQTT_PORT = 1883
 DEFAULT_MQTTS_PORT = 8883
@@ -30,3 +30,11 @@ def parse_mqtt_url(url: str) -> MqttEndpoint:
         password=unquote(parts.password) if parts.password else None,
         tls=tls,
     )
+
+
+def with_user(url: str, username: str, password: str) -> str:
+    """The same broker URL logging in as another account."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    user = f"{quote(username, safe='')}:{quote(password, safe='')}"
+    return urlunsplit(parts._replace(netloc=f"{user}@{netloc}"))

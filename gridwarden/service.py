@@ -14,6 +14,7 @@ import asyncpg
 import uvicorn
 from fastapi import FastAPI
 
+from gridwarden.broker_auth import BrokerFiles, broker_auth_task
 from gridwarden.config import Settings
 from gridwarden.db import create_pool
 from gridwarden.migrate import migrate
@@ -145,6 +146,10 @@ async def run_service(
                 supervisor.add("case-intake", case_intake_task(pool, settings, clock))
                 supervisor.add("outbox", outbox_task(pool, mqtt_url))
                 supervisor.add("sla", sla_task(pool, settings, clock))
+            if settings.broker_auth_dir is not None:
+                files = BrokerFiles(settings.broker_auth_dir, pid_file=settings.broker_pid_file)
+                prefix = settings.topic_prefix
+                supervisor.add("broker-auth", broker_auth_task(pool, files, prefix, mqtt_url))
             state = AppState(pool, readiness=readiness, web=WebConfig.from_settings(settings))
             if "api" in roles:
                 app = create_app(

@@ -47,7 +47,7 @@ def embedded_postgres(services_root: Path) -> Iterator[EmbeddedPostgres]:
 
 @pytest.fixture(scope="session")
 def embedded_mosquitto(services_root: Path) -> Iterator[EmbeddedMosquitto]:
-    mosquitto = EmbeddedMosquitto(services_root / "session")
+    mosquitto = EmbeddedMosquitto(services_root / "session", anonymous=True)
     mosquitto.start()
     yield mosquitto
     mosquitto.stop()

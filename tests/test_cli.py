@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import aiomqtt
 import asyncpg
 import httpx
 import pytest
@@ -394,6 +395,11 @@ async def test_demo_on_embedded_services_end_to_end_and_restart(demo_data_dir, t
         assert pid_running(mosquitto_pid)
         assert port_accepts(postgres_port)
         assert port_accepts(mosquitto_port)
+        # The embedded default runs with authentication on: no anonymous client gets in
+        # (the simulator above published as its gateway account).
+        with pytest.raises(aiomqtt.MqttError, match=r"(?i)authori"):
+            async with aiomqtt.Client("127.0.0.1", mosquitto_port, identifier="anonymous"):
+                pass
 
         await stop_demo(run)
 

@@ -253,7 +253,7 @@ async def _publish_while_offline(port: int, topic: str, payload: bytes) -> None:
 async def test_a_queued_qos1_message_survives_a_broker_restart(
     services_root: Path, protocol: aiomqtt.ProtocolVersion
 ) -> None:
-    broker = EmbeddedMosquitto(_fresh_dir(services_root))
+    broker = EmbeddedMosquitto(_fresh_dir(services_root), anonymous=True)
     broker.start()
     try:
         port = broker.port
@@ -280,7 +280,7 @@ async def test_a_queued_qos1_message_survives_a_broker_restart(
 
 @pytest.mark.slow
 async def test_a_message_autosaved_before_a_broker_sigkill_survives(services_root: Path) -> None:
-    broker = EmbeddedMosquitto(_fresh_dir(services_root))
+    broker = EmbeddedMosquitto(_fresh_dir(services_root), anonymous=True)
     broker.start()
     try:
         port = broker.port

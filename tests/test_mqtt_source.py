@@ -255,7 +255,7 @@ async def test_stop_before_the_broker_answers_and_restart_are_clean(
 async def test_a_broker_restart_is_survived_and_the_session_resumes(
     services_root: Path, topic_prefix: str, fast_reconnect: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    broker = EmbeddedMosquitto(services_root / f"own-{uuid.uuid4().hex[:8]}")
+    broker = EmbeddedMosquitto(services_root / f"own-{uuid.uuid4().hex[:8]}", anonymous=True)
     await asyncio.to_thread(broker.start)
     source = MqttSource(broker.url, f"sub-{topic_prefix}", [f"{topic_prefix}/#"], 100)
     try:
