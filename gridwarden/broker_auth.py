@@ -46,6 +46,7 @@ from typing import Final, Literal
 
 import asyncpg
 
+from gridwarden import audit
 from gridwarden.db import query
 from gridwarden.mqtt_url import parse_mqtt_url
 from gridwarden.supervisor import TaskFn
@@ -214,8 +215,11 @@ class BrokerFiles:
 # -- the registry ---------------------------------------------------------------------------
 
 
-async def issue(conn: asyncpg.Connection | asyncpg.Pool, kind: Kind, name: str) -> tuple[str, str]:
-    """Create the account (or rotate its password); returns (user name, new password)."""
+async def issue(
+    conn: asyncpg.Connection, kind: Kind, name: str, *, actor: str = audit.CLI_ACTOR
+) -> tuple[str, str]:
+    """Create the account (or rotate its password), audited; returns (user name, new
+    password)."""
     username = username_for(kind, name)
     subject = name if kind in SUBJECT_KINDS else None
     if kind == "device" and await conn.fetchval(query("device_exists"), name) is None:
@@ -223,11 +227,16 @@ async def issue(conn: asyncpg.Connection | asyncpg.Pool, kind: Kind, name: str) 
     if kind == "worker" and await conn.fetchval(query("worker_exists"), name) is None:
         raise BrokerAuthError(f"no registered worker {name!r}")
     password = new_password()
-    stored = await conn.fetchval(
-        query("upsert_mqtt_account"), username, kind, subject, hash_password(password)
-    )
-    if stored is None:
-        raise BrokerAuthError(f"the user name {username!r} belongs to an account of another kind")
+    async with conn.transaction():
+        stored = await conn.fetchval(
+            query("upsert_mqtt_account"), username, kind, subject, hash_password(password)
+        )
+        if stored is None:
+            raise BrokerAuthError(f"the user name {username!r} belongs to another kind of account")
+        await audit.record(
+            conn, actor=actor, action="mqtt_account.issue", target_type="mqtt_account",
+            target_id=username, detail={"kind": kind},
+        )  # fmt: skip
     return username, password
 
 
@@ -245,8 +254,14 @@ async def issue_for_devices(
     return issued
 
 
-async def revoke(conn: asyncpg.Connection | asyncpg.Pool, username: str) -> bool:
-    return await conn.fetchval(query("revoke_mqtt_account"), username) is not None
+async def revoke(conn: asyncpg.Connection, username: str, *, actor: str = audit.CLI_ACTOR) -> bool:
+    """Revoke a live account, audited; False when there is none of that name."""
+    async with conn.transaction():
+        if await conn.fetchval(query("revoke_mqtt_account"), username) is None:
+            return False
+        await audit.record(conn, actor=actor, action="mqtt_account.revoke",
+                           target_type="mqtt_account", target_id=username)  # fmt: skip
+    return True
 
 
 async def live_accounts(conn: asyncpg.Connection | asyncpg.Pool) -> list[BrokerAccount]:

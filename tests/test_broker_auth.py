@@ -285,3 +285,51 @@ async def register_workers(database_url: str, ids: list[str]) -> None:
         )
     finally:
         await conn.close()
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+async def test_cli_issues_lists_writes_and_revokes_with_an_audit_trail(
+    database_url: str, tmp_path: Path
+) -> None:
+    from tests.test_cli import db_env, gridwarden
+
+    await register_devices(
+        database_url, [("dev-1", "smoke_detector", None), ("dev-2", "door_access", None)]
+    )
+    env = db_env(database_url, tmp_path)
+    issued = await gridwarden("credentials", "issue", "device", "--all-devices", env=env)
+    assert issued.returncode == 0, issued.stderr
+    lines = issued.stdout.splitlines()
+    assert lines[0] == "username,password"
+    passwords = dict(line.split(",") for line in lines[1:])
+    assert set(passwords) == {"dev-1", "dev-2"}
+
+    bad = await gridwarden("credentials", "issue", "device", "nope", env=env)
+    assert bad.returncode == 1
+    assert "no registered device 'nope'" in bad.stderr
+
+    out = tmp_path / "broker"
+    written = await gridwarden("credentials", "write-broker-files", str(out), env=env)
+    assert written.returncode == 0, written.stderr
+    passwd = (out / "passwd").read_text()
+    assert all(password not in passwd for password in passwords.values())  # hashes only
+    for user, password in passwords.items():
+        line = next(x for x in passwd.splitlines() if x.startswith(f"{user}:"))
+        assert broker_auth.verify_password(password, line.partition(":")[2])
+    assert "topic write gw/dev/dev-2/#" in (out / "acl").read_text()
+
+    revoked = await gridwarden("credentials", "revoke", "dev-2", "ghost", env=env)
+    assert revoked.returncode == 1
+    assert "no live account 'ghost'" in revoked.stderr
+    listed = await gridwarden("credentials", "list", env=env)
+    rows = {line.split(",")[0]: line.split(",") for line in listed.stdout.splitlines()[1:]}
+    assert rows["dev-1"][4] == ""
+    assert rows["dev-2"][4] != ""  # revoked_at
+    actions = await fetchval(
+        database_url, "SELECT array_agg(action || ' ' || target_id ORDER BY id) FROM audit_log"
+    )
+    assert actions == [
+        "mqtt_account.issue dev-1", "mqtt_account.issue dev-2", "mqtt_account.revoke dev-2",
+    ]  # fmt: skip
