@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 import uuid
 from typing import Any
@@ -304,7 +303,7 @@ class OutboxPublisher:
             identifier=f"gridwarden-outbox-{uuid.uuid4().hex[:12]}",
             protocol=aiomqtt.ProtocolVersion.V5,
             timeout=self.publish_timeout_s,
-            tls_context=ssl.create_default_context() if endpoint.tls else None,
+            tls_context=endpoint.ssl_context(),
         )
         try:
             await client.__aenter__()

@@ -18,14 +18,12 @@ import contextlib
 import logging
 import math
 import random
-import ssl
 import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiomqtt
 
@@ -45,6 +43,8 @@ from device_sim.spec import (
     load_devices,
     load_devices_from_csv,
 )
+from gridwarden.mqtt_url import MqttEndpoint as MqttTarget
+from gridwarden.mqtt_url import parse_mqtt_url
 
 __all__ = [
     "DeviceFileError",
@@ -60,8 +60,6 @@ __all__ = [
 
 log = logging.getLogger("device_sim")
 
-DEFAULT_MQTT_PORT: Final = 1883
-DEFAULT_MQTTS_PORT: Final = 8883
 PUBLISH_BATCH: Final = 200  # publishes in flight at once
 PUBLISH_TIMEOUT_S: Final = 5.0  # per publish (PUBACK for QoS 1/2)
 BACKLOG_MAX: Final = 100_000  # messages kept while the broker is away; oldest dropped
@@ -69,47 +67,6 @@ BACKOFF_INITIAL_S: Final = 0.25
 BACKOFF_MAX_S: Final = 15.0
 DRAIN_TIMEOUT_S: Final = 5.0  # after the run ends, how long to keep trying to deliver
 IDLE_TICK_S: Final = 0.25  # the producer wakes at least this often
-
-
-@dataclass(frozen=True, slots=True)
-class MqttTarget:
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    ca_file: str | None = None
-    tls_insecure: bool = False
-    client_id: str | None = None
-
-
-def parse_mqtt_url(url: str) -> MqttTarget:
-    """`mqtt://user:pass@host:port` (mqtts:// → TLS, default port 8883). Query options:
-    `ca=/path/ca.pem`, `insecure=1` (no certificate check), `client_id=…`."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise ValueError(f"MQTT URL {url!r}: the scheme must be mqtt:// or mqtts://")
-    if not parts.hostname:
-        raise ValueError(f"MQTT URL {url!r}: no host")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"MQTT URL {url!r}: bad port") from None
-    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-    unknown = sorted(set(query) - {"ca", "insecure", "client_id"})
-    if unknown:
-        raise ValueError(f"MQTT URL {url!r}: unknown option(s) {', '.join(unknown)}")
-    tls = parts.scheme == "mqtts"
-    return MqttTarget(
-        host=parts.hostname,
-        port=port or (DEFAULT_MQTTS_PORT if tls else DEFAULT_MQTT_PORT),
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-        tls=tls,
-        ca_file=query.get("ca"),
-        tls_insecure=query.get("insecure", "0").lower() in ("1", "true", "yes"),
-        client_id=query.get("client_id"),
-    )
 
 
 @dataclass
@@ -194,12 +151,7 @@ def synthetic_fleet(
 
 
 def _client(target: MqttTarget, identifier: str) -> aiomqtt.Client:
-    tls_context: ssl.SSLContext | None = None
-    if target.tls:
-        tls_context = ssl.create_default_context(cafile=target.ca_file)
-        if target.tls_insecure:
-            tls_context.check_hostname = False
-            tls_context.verify_mode = ssl.CERT_NONE
+    tls_context = target.ssl_context()
     client = aiomqtt.Client(
         target.host,
         target.port,

@@ -638,7 +638,12 @@ class EmbeddedMosquitto:
     """
 
     def __init__(
-        self, data_dir: Path, *, account: ServiceAccount | None = None, anonymous: bool = False
+        self,
+        data_dir: Path,
+        *,
+        account: ServiceAccount | None = None,
+        anonymous: bool = False,
+        tls_files: tuple[Path, Path] | None = None,
     ) -> None:
         self.data_dir = Path(os.path.abspath(data_dir))
         self.home = self.data_dir / "mosquitto"
@@ -648,6 +653,9 @@ class EmbeddedMosquitto:
         self.pid_file = self.home / "pid"
         self.secret_file = self.home / "service.secret"
         self.anonymous = anonymous
+        # (certificate chain, private key), PEM: a second listener speaking TLS (mqtts://).
+        self.tls_files = tls_files
+        self.tls_port: int | None = None
         self._account = account
         self._process: subprocess.Popen[bytes] | None = None
         self.port: int | None = None
@@ -674,6 +682,13 @@ class EmbeddedMosquitto:
         if self.port is None:
             raise EmbeddedServiceError("the embedded Mosquitto has not been started")
         return f"mqtt://{LOOPBACK}:{self.port}"
+
+    def tls_url(self, ca_file: Path) -> str:
+        """The service's URL on the TLS listener, trusting `ca_file`."""
+        if self.tls_port is None:
+            raise EmbeddedServiceError("the embedded Mosquitto has no TLS listener")
+        plain = self.url.rpartition(":")[0].replace("mqtt://", "mqtts://", 1)
+        return f"{plain}:{self.tls_port}?ca={quote(str(ca_file))}"
 
     def broker_files(self) -> BrokerFiles:
         """Where the service keeps this broker's password and ACL files."""
@@ -733,6 +748,8 @@ class EmbeddedMosquitto:
             self.port = port
             if not self.anonymous:
                 self._prepare_auth()
+            if self.tls_files is not None:
+                self.tls_port = free_port(exclude=[port, *tried])
             self._write_config(port)
             offset = _log_size(self.log_file)
             process = self._spawn(binary)
@@ -819,6 +836,21 @@ class EmbeddedMosquitto:
                 self._process.wait(MOSQUITTO_STOP_TIMEOUT_S)
             self._process = None
 
+    def _tls_listener(self) -> str:
+        """A second listener with TLS; the broker's account gets its own copies of the
+        certificate and key (it reads them after dropping root)."""
+        if self.tls_files is None or self.tls_port is None:
+            return ""
+        copies = []
+        for source, name in zip(self.tls_files, ("tls-cert.pem", "tls-key.pem"), strict=True):
+            target = self.home / name
+            _write_file(target, Path(source).read_text(encoding="ascii"), self.account)
+            copies.append(target)
+        return (
+            f"\nlistener {self.tls_port} {LOOPBACK}\n"
+            f"certfile {copies[0]}\nkeyfile {copies[1]}\n"
+        )
+
     def _write_config(self, port: int) -> None:
         home = str(self.home)
         if self.anonymous:
@@ -842,7 +874,7 @@ user {self.account.name}
 
 listener {port} {LOOPBACK}
 {auth}set_tcp_nodelay true
-
+{self._tls_listener()}
 # Persistent sessions, subscriptions and queued QoS 1/2 messages survive a restart: written on
 # SIGTERM, and every {MOSQUITTO_AUTOSAVE_INTERVAL_S}s so a kill -9 loses at most that much.
 persistence true

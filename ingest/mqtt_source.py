@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import ssl
 import threading
 from datetime import UTC, datetime
 
@@ -197,7 +196,7 @@ class MqttSource:
                     lambda: _Connection(self),
                     endpoint.host,
                     endpoint.port,
-                    ssl=ssl.create_default_context() if endpoint.tls else None,
+                    ssl=endpoint.ssl_context(),
                 )
         except (OSError, TimeoutError) as exc:  # refused, DNS, TLS (ssl.SSLError), timeout
             log.warning("MQTT connect to %s failed: %s", self._where(), exc or type(exc).__name__)

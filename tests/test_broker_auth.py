@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -333,3 +334,59 @@ async def test_cli_issues_lists_writes_and_revokes_with_an_audit_trail(
     assert actions == [
         "mqtt_account.issue dev-1", "mqtt_account.issue dev-2", "mqtt_account.revoke dev-2",
     ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
+    names = ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")
+    ca_key, ca, key, csr, cert = (directory / name for name in names)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key),
+            "-out", str(ca), "-days", "2", "-subj", "/CN=gridwarden test CA")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+            "-subj", "/CN=127.0.0.1")  # fmt: skip
+    ext = directory / "san.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+            "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))  # fmt: skip
+    return ca, cert, key
+
+
+async def test_devices_and_the_service_over_tls(
+    services_root: Path, database_url: str, tmp_path: Path
+) -> None:
+    ca, cert, key = make_certificates(tmp_path)
+    broker = EmbeddedMosquitto(services_root / f"tls-{uuid.uuid4().hex[:8]}", tls_files=(cert, key))
+    broker.start()
+    try:
+        await register_devices(database_url, [("dev-1", "smoke_detector", None)])
+        user, password = await issue(database_url, "device", "dev-1")
+        await sync(database_url, broker)
+        service_url = broker.tls_url(ca)
+        assert service_url.startswith("mqtts://")
+        device_url = with_user(service_url, user, password)
+        # Without our CA the broker's certificate does not verify: no connection.
+        untrusted = parse_mqtt_url(device_url.split("?")[0]).ssl_context()
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.open_connection("127.0.0.1", broker.tls_port, ssl=untrusted)
+        settings = settings_for(database_url, service_url, PREFIX)
+        async with running_ingest(settings), tls_client(device_url) as dev:
+            await dev.publish(f"{PREFIX}/dev/dev-1/telemetry", b'{"seq": 1, "smoke": 1}', qos=1)
+            await wait_for(
+                lambda: fetchval(database_url, "SELECT count(*) FROM telemetry"), lambda n: n == 1
+            )
+    finally:
+        broker.stop()
+
+
+@asynccontextmanager
+async def tls_client(url: str) -> AsyncIterator[aiomqtt.Client]:
+    endpoint = parse_mqtt_url(url)
+    async with client(url, tls_context=endpoint.ssl_context()) as connected:
+        yield connected
