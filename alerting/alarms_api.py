@@ -49,6 +49,7 @@ from alerting.alarm_json import (
     iso,
 )
 from alerting.cases import CASE_CHANNEL, case_json
+from gridwarden import audit
 from gridwarden.auth import Principal
 from gridwarden.db import query
 from gridwarden.web import AppState, get_state, require_role
@@ -150,7 +151,12 @@ def _actor(principal: Principal) -> str:
 
 
 async def _transition(
-    state: AppState, wiring: AlarmsWiring, alarm_id: int, principal: Principal, action: str
+    state: AppState,
+    wiring: AlarmsWiring,
+    alarm_id: int,
+    principal: Principal,
+    action: str,
+    address: str | None,
 ) -> dict[str, Any]:
     async with state.pool.acquire() as conn, conn.transaction():
         current = await conn.fetchrow(query("alarm_for_update"), alarm_id)
@@ -167,6 +173,11 @@ async def _transition(
             raise HTTPException(409, f"alarm {alarm_id} is already {was}")
         row = await conn.fetchrow(query(name), alarm_id, _actor(principal))
         await announce_alarm(conn, row, change, wiring.topic_prefix)
+        await audit.record(
+            conn, actor=audit.actor_of(principal), action=f"alarm.{action}",
+            target_type="alarm", target_id=str(alarm_id), address=address,
+            detail={"from_state": was, "to_state": row["state"]},
+        )  # fmt: skip
     return alarm_json(row)
 
 
@@ -469,13 +480,17 @@ async def get_alarm(alarm_id: int, _: Operator, state: State) -> dict[str, Any]:
 
 @router.post("/{alarm_id}/ack")
 async def acknowledge(
-    alarm_id: int, principal: Operator, state: State, wiring: Wiring
+    alarm_id: int, principal: Operator, state: State, wiring: Wiring, request: Request
 ) -> dict[str, Any]:
     """active → acknowledged; cleared → closed; 409 when already acknowledged or closed."""
-    return await _transition(state, wiring, alarm_id, principal, "ack")
+    address = audit.client_address(request)
+    return await _transition(state, wiring, alarm_id, principal, "ack", address)
 
 
 @router.post("/{alarm_id}/close")
-async def close(alarm_id: int, principal: Operator, state: State, wiring: Wiring) -> dict[str, Any]:
+async def close(
+    alarm_id: int, principal: Operator, state: State, wiring: Wiring, request: Request
+) -> dict[str, Any]:
     """Any state but closed → closed (an operator dismisses it); 409 when already closed."""
-    return await _transition(state, wiring, alarm_id, principal, "close")
+    address = audit.client_address(request)
+    return await _transition(state, wiring, alarm_id, principal, "close", address)

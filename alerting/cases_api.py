@@ -34,6 +34,7 @@ from alerting.cases import (
     open_case_for_report,
 )
 from alerting.stats import By, case_stats
+from gridwarden import audit
 from gridwarden.auth import Principal
 from gridwarden.clock import Clock
 from gridwarden.config import Settings
@@ -55,6 +56,8 @@ Priority = Literal["critical", "major", "minor", "warning"]
 LOCATOR_MAX_AGE = timedelta(seconds=60)  # the grid is re-read at most this stale
 STATS_WINDOW = timedelta(days=30)  # `since` by default: this long before now
 OWN_CASES_ONLY = "a worker sees their own cases only"
+AUDITED_FIELDS = ("worker_id", "score")  # of an action's body; notes and reasons are free
+# text (they may name people or numbers), kept in the case's own timeline only
 
 
 # -- wiring
@@ -193,6 +196,7 @@ async def case_action(
     try:
         async with state.pool.acquire() as conn, conn.transaction():
             actor = await Actor.of(conn, principal)
+            before = await conn.fetchrow(query("case_lock"), case_id)
             row = await act(
                 conn,
                 case_id,
@@ -203,6 +207,14 @@ async def case_action(
                 topic_prefix=wiring.settings.topic_prefix,
                 webhook_url=wiring.settings.webhook_url,
             )
+            detail = {key: body[key] for key in AUDITED_FIELDS if key in body}
+            await audit.record(
+                conn, actor=audit.actor_of(principal), action=f"case.{action}",
+                target_type="case", target_id=str(case_id),
+                address=audit.client_address(request),
+                detail={"from_state": before["state"] if before else None,
+                        "to_state": row["state"], "assignee": row["assignee"], **detail},
+            )  # fmt: skip
             return await case_json(conn, row, timeline=True)
     except CaseError as exc:  # raised inside the transaction: it rolled back
         raise HTTPException(exc.status, exc.message) from None
@@ -224,7 +236,9 @@ class ReportIn(BaseModel):
 
 
 @router.post("/reports", status_code=201)
-async def report(body: ReportIn, principal: Anyone, state: State, wiring: Wiring) -> dict[str, Any]:
+async def report(
+    body: ReportIn, principal: Anyone, state: State, wiring: Wiring, request: Request
+) -> dict[str, Any]:
     """A case for the cell holding the point, dispatched like a device alarm's."""
     locator = await wiring.locator(state.pool)
     cell_id = locator.locate(body.lon, body.lat)
@@ -251,6 +265,12 @@ async def report(body: ReportIn, principal: Anyone, state: State, wiring: Wiring
             now=wiring.clock.now(),
             webhook_url=wiring.settings.webhook_url,
         )
+        await audit.record(
+            conn, actor=audit.actor_of(principal), action="case.report", target_type="case",
+            target_id=str(row["id"]), address=audit.client_address(request),
+            detail={"cell_id": cell_id, "category": body.category, "priority": body.priority,
+                    "to_state": row["state"], "assignee": row["assignee"]},
+        )  # fmt: skip
         return await case_json(conn, row, timeline=True)
 
 

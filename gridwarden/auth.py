@@ -12,6 +12,7 @@ from typing import Literal
 
 import asyncpg
 
+from gridwarden import audit
 from gridwarden.db import query
 
 Role = Literal["operator", "worker", "admin"]
@@ -37,12 +38,41 @@ async def create_token(
     role: Role,
     worker_id: str | None = None,
     label: str = "",
+    *,
+    actor: str = audit.CLI_ACTOR,
+    address: str | None = None,
 ) -> str:
+    """A new token (returned once; only its hash is stored), audited as `token.create`
+    by `actor` in the same transaction."""
     if (role == "worker") != (worker_id is not None):
         raise ValueError("a worker token needs --worker, and only a worker token takes it")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    await conn.execute(query("create_token"), hash_token(token), role, worker_id, label)
+    if isinstance(conn, asyncpg.Pool):
+        async with conn.acquire() as pooled:
+            await _insert_token(pooled, token, role, worker_id, label, actor, address)
+    else:
+        await _insert_token(conn, token, role, worker_id, label, actor, address)
     return token
+
+
+async def _insert_token(
+    conn: asyncpg.Connection,
+    token: str,
+    role: Role,
+    worker_id: str | None,
+    label: str,
+    actor: str,
+    address: str | None,
+) -> None:
+    async with conn.transaction():
+        token_id = await conn.fetchval(
+            query("create_token"), hash_token(token), role, worker_id, label
+        )
+        await audit.record(
+            conn, actor=actor, action="token.create", target_type="api_token",
+            target_id=str(token_id), address=address,
+            detail={"role": role, "worker_id": worker_id, "label": label},
+        )  # fmt: skip
 
 
 async def principal_for(conn: asyncpg.Connection | asyncpg.Pool, token: str) -> Principal | None:

@@ -30,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gridwarden import __version__
+from gridwarden import __version__, audit
 from gridwarden.auth import (
     Principal,
     Role,
@@ -442,13 +442,27 @@ def _session_router() -> APIRouter:
                 raise HTTPException(422, "token: required")
             return login_page("请输入令牌。Enter a token.", 400, next_path)
         principal = await principal_for(state.pool, token)
+        method = "json" if as_json else "form"
         if principal is None:
             state.login_limiter.failed(address)
             LOGINS.labels("failed").inc()
+            async with state.pool.acquire() as conn:  # never the token, not even its hash
+                await audit.record(
+                    conn, actor=audit.ANONYMOUS_ACTOR, action="auth.login_failed",
+                    target_type="session", target_id=None, address=audit.client_address(request),
+                    detail={"method": method, "reason": "invalid or revoked token"},
+                )  # fmt: skip
             if as_json:
                 raise HTTPException(401, "invalid or revoked token")
             return login_page("令牌无效或已吊销。Invalid or revoked token.", 401, next_path)
-        session = await create_session(state.pool, principal, state.web.session_ttl_s)
+        async with state.pool.acquire() as conn, conn.transaction():
+            session = await create_session(conn, principal, state.web.session_ttl_s)
+            await audit.record(
+                conn, actor=audit.actor_of(principal), action="auth.login",
+                target_type="api_token", target_id=str(principal.token_id),
+                address=audit.client_address(request),
+                detail={"method": method, "role": principal.role},
+            )  # fmt: skip
         LOGINS.labels("ok").inc()
         target = next_path or home_path(principal)
         response: Response
@@ -486,7 +500,15 @@ def _session_router() -> APIRouter:
         if session_id and request.headers.get(CSRF_HEADER) != CSRF_VALUE:
             raise HTTPException(403, f"logout needs the header {CSRF_HEADER}: {CSRF_VALUE}")
         if session_id:
-            await delete_session(state.pool, session_id)
+            async with state.pool.acquire() as conn, conn.transaction():
+                principal = await principal_for_session(conn, session_id)
+                await delete_session(conn, session_id)
+                if principal is not None:  # a live session ended (not a stale cookie)
+                    await audit.record(
+                        conn, actor=audit.actor_of(principal), action="auth.logout",
+                        target_type="api_token", target_id=str(principal.token_id),
+                        address=audit.client_address(request),
+                    )  # fmt: skip
         response = Response(status_code=204)
         response.delete_cookie(
             SESSION_COOKIE,
@@ -569,7 +591,10 @@ def create_app(state: AppState, routers: list[Any] | None = None) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    from gridwarden.audit_api import router as audit_router  # it depends on this module
+
     app.include_router(_session_router())
+    app.include_router(audit_router)
     for router in routers or []:
         app.include_router(router)
     return app

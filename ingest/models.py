@@ -38,6 +38,10 @@ class _Common(BaseModel):
 
     ts: Timestamp | None = None
     seq: Seq | None = None
+    # A card number (CONTRACT §2, door events): declared on every model, so it never lands
+    # in `extra` in clear. On an event the decoder stores only its keyed hash
+    # (`credential_hash`); telemetry has no place for it and it is not stored.
+    credential: StrictStr | None = Field(default=None, max_length=256)
     battery: Percent | None = None
     rssi: Dbm | None = None
     device_id: StrictStr | None = None  # if a device names itself, it must match its topic
@@ -87,7 +91,6 @@ class DoorEvent(_Common):
         "access_granted", "access_denied", "door_opened", "door_closed",
         "door_forced", "door_held_open", "tamper",
     ]  # fmt: skip
-    credential: StrictStr | None = Field(default=None, max_length=256)
 
 
 class BinEvent(_Common):

@@ -55,6 +55,7 @@ WEB_ENDPOINTS = {
     ("POST", "/logout"),
     ("GET", "/api/me"),
     ("GET", "/api/config"),
+    ("GET", "/api/audit"),
     ("GET", "/"),
     ("GET", "/worker"),
 }

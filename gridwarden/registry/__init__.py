@@ -9,6 +9,7 @@ from pathlib import Path
 
 import asyncpg
 
+from gridwarden import audit
 from gridwarden.config import Settings
 from gridwarden.registry.common import ID_PATTERN, ImportReport, RegistryError
 from gridwarden.registry.devices import (
@@ -81,13 +82,35 @@ __all__ = [
 
 
 async def import_file(
-    conn: asyncpg.Connection, kind: str, path: Path, settings: Settings
+    conn: asyncpg.Connection,
+    kind: str,
+    path: Path,
+    settings: Settings,
+    *,
+    actor: str = audit.CLI_ACTOR,
 ) -> ImportReport:
-    """`gridwarden import KIND FILE`: kind is grid, devices or workers."""
-    if kind == "grid":
-        return await import_grid(conn, path)
-    if kind == "devices":
-        return await import_devices(conn, path)
-    if kind == "workers":
-        return await import_workers(conn, path, hash_key=settings.credential_hash_key)
-    raise ValueError(f"unknown registry {kind!r} (grid, devices or workers)")
+    """`gridwarden import KIND FILE`: kind is grid, devices or workers.
+
+    Audited: `registry.import` in the import's transaction (with what it changed), or
+    `registry.import_rejected` (with the number of problems) when the file is refused."""
+    if kind not in ("grid", "devices", "workers"):
+        raise ValueError(f"unknown registry {kind!r} (grid, devices or workers)")
+    source = {"file": str(path)}
+    try:
+        async with conn.transaction():
+            if kind == "grid":
+                report = await import_grid(conn, path)
+            elif kind == "devices":
+                report = await import_devices(conn, path)
+            else:
+                report = await import_workers(conn, path, hash_key=settings.credential_hash_key)
+            counts = {"created": report.created, "updated": report.updated,
+                      "unchanged": report.unchanged, "warnings": len(report.warnings)}  # fmt: skip
+            await audit.record(conn, actor=actor, action="registry.import", target_type=kind,
+                               target_id=None, detail={**source, **counts})  # fmt: skip
+    except RegistryError as exc:
+        await audit.record(conn, actor=actor, action="registry.import_rejected",
+                           target_type=kind, target_id=None,
+                           detail={**source, "problems": len(exc.problems)})  # fmt: skip
+        raise
+    return report
