@@ -4,15 +4,23 @@ test takes the dependency away (refuse and cut connections) and brings it back."
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from gridwarden.embedded import free_port
+from ingest.mqtt_wire import first_packet_size
+
+# Makes, per connection, a filter of what the client sends (bytes in → bytes forwarded).
+FilterFactory = Callable[[], Callable[[bytes], bytes]]
 
 
 class TcpProxy:
-    """127.0.0.1:port → 127.0.0.1:target_port, which the test can cut and restore."""
+    """127.0.0.1:port → 127.0.0.1:target_port, which the test can cut and restore.
 
-    def __init__(self, target_port: int) -> None:
+    `upstream_filter` (optional) rewrites what clients send, e.g. to swallow MQTT PUBACKs."""
+
+    def __init__(self, target_port: int, upstream_filter: FilterFactory | None = None) -> None:
         self.target_port = target_port
+        self.upstream_filter = upstream_filter
         self.port = free_port()
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
@@ -35,12 +43,21 @@ class TcpProxy:
         if self._server is not None:
             self._server.close()
             self._server = None
+        await self.cut()
+
+    async def cut(self) -> None:
+        """Cut the open connections (both ends see the close); new ones are accepted
+        again while the proxy is started."""
         for writer in self._writers:
             writer.close()
         for pipe in list(self._pipes):
             pipe.cancel()
         await asyncio.gather(*self._pipes, return_exceptions=True)
         self._writers.clear()
+
+    def connections(self) -> int:
+        """Open connections (two pipes each)."""
+        return len(self._pipes) // 2
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -49,17 +66,40 @@ class TcpProxy:
             writer.close()
             return
         self._writers |= {writer, up_writer}
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(source, sink))
+        upstream = self.upstream_filter() if self.upstream_filter else None
+        for source, sink, rewrite in ((reader, up_writer, upstream), (up_reader, writer, None)):
+            task = asyncio.create_task(self._pipe(source, sink, rewrite))
             self._pipes.add(task)
             task.add_done_callback(self._pipes.discard)
 
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self,
+        source: asyncio.StreamReader,
+        sink: asyncio.StreamWriter,
+        rewrite: Callable[[bytes], bytes] | None = None,
+    ) -> None:
         try:
             while data := await source.read(65536):
-                sink.write(data)
+                sink.write(rewrite(data) if rewrite else data)
                 await sink.drain()
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
             sink.close()
+
+
+def drop_mqtt_packets(packet_type: int) -> Callable[[bytes], bytes]:
+    """A filter forwarding an MQTT byte stream without the packets of `packet_type` (e.g.
+    4, PUBACK: the broker never learns that a message was processed)."""
+    buffer = bytearray()
+
+    def rewrite(data: bytes) -> bytes:
+        buffer.extend(data)
+        out = bytearray()
+        while (size := first_packet_size(buffer)) is not None and size <= len(buffer):
+            if buffer[0] >> 4 != packet_type:
+                out += buffer[:size]
+            del buffer[:size]
+        return bytes(out)
+
+    return rewrite
