@@ -27,6 +27,9 @@ DEFAULT_BATCH_MAX_DELAY_MS = 50
 DEFAULT_DEDUP_WINDOW_S = 24 * 3600
 DEFAULT_LAST_SEEN_FLUSH_S = 2.0
 DEFAULT_INGEST_QUEUE_MAX = 20_000
+DEFAULT_DEVICE_RATE_PER_S = 5.0
+DEFAULT_DEVICE_RATE_BURST = 60
+DEFAULT_HTTP_MAX_BODY_BYTES = 64 * 1024
 
 
 def default_data_dir() -> Path:
@@ -61,6 +64,17 @@ class Settings(BaseSettings):
     topic_prefix: str = Field(default="gw", pattern=r"^[A-Za-z0-9_-]{1,32}$")
     mqtt_client_id: str = Field(default="gridwarden-ingest", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, ge=256, le=1024 * 1024)
+    # Per-device token bucket of ingest (a device over it: dead letter `rate_limited`).
+    # Devices report every 60 s or more and a buffer flush is one message (an array), so
+    # 5 msg/s is 300 times a normal device and only a broken or hostile one reaches it.
+    # The burst is what a device may send at once: 60 is an hour of one-minute readings
+    # queued by a device (or by the broker for us) and sent on reconnect. A broker backlog
+    # is drained interleaved across devices, ~6,000/N msg/s each: past ~1,200 devices
+    # that is below the rate, and no backlog ever trips the limit.
+    device_rate_per_s: float = Field(
+        default=DEFAULT_DEVICE_RATE_PER_S, ge=0, le=100_000, description="0: no limit"
+    )
+    device_rate_burst: int = Field(default=DEFAULT_DEVICE_RATE_BURST, ge=1, le=1_000_000)
     batch_max_messages: int = Field(default=DEFAULT_BATCH_MAX_MESSAGES, ge=1, le=100_000)
     batch_max_delay_ms: int = Field(default=DEFAULT_BATCH_MAX_DELAY_MS, ge=1, le=10_000)
     ingest_queue_max: int = Field(default=DEFAULT_INGEST_QUEUE_MAX, ge=100)
@@ -72,6 +86,11 @@ class Settings(BaseSettings):
         default=None, description="extra rule files (*.toml): new rules, replacements, overrides"
     )
     rules_tick_s: float = Field(default=0.2, gt=0, le=5, description="timer resolution")
+    ingest_shards: int = Field(
+        default=1, ge=1, le=64,
+        description="ingest shards shared by the processes with the ingest role (each run by "
+        "one of them at a time; 1: one runs ingest, the others stand by)",
+    )  # fmt: skip
     roles: str = Field(
         default=",".join(ROLES),
         description="what this process runs, comma-separated: ingest (with the rules), "
@@ -101,6 +120,14 @@ class Settings(BaseSettings):
         default=None,
         description="http(s):// URL each worker notification is also POSTed to; unset: none",
     )
+    broker_auth_dir: Path | None = Field(
+        default=None,
+        description="write Mosquitto's password_file (passwd) and acl_file (acl) here from "
+        "the broker accounts; unset: not managed (the embedded broker's are, always)",
+    )
+    broker_pid_file: Path | None = Field(
+        default=None, description="the broker's pid file: SIGHUP after the files change"
+    )
     credential_hash_key: str = Field(
         default="gridwarden-dev-key", description="key for hashing card numbers; set in production"
     )
@@ -110,19 +137,16 @@ class Settings(BaseSettings):
         default="Asia/Shanghai", description="IANA time zone the pages display times in"
     )
     session_ttl_s: int = Field(default=12 * 3600, ge=60, le=30 * 86400)
-    login_max_failures: int = Field(default=10, ge=1, le=10_000)
+    login_max_failures: int = Field(
+        default=10, ge=1, le=10_000, description="failed logins and bearer tokens per window"
+    )
     login_window_s: int = Field(default=300, ge=1, le=86400)
+    # Request bodies of the HTTP API: the largest legitimate one is a case action or a
+    # report (a 2,000-character description is at most 8 KB as UTF-8); larger gets 413.
+    http_max_body_bytes: int = Field(default=DEFAULT_HTTP_MAX_BODY_BYTES, ge=1024, le=64 << 20)
 
     def sla_policy(self, priority: str) -> dict[str, int]:
         """The SLA targets for one priority, as stored in each case's policy snapshot."""
-    broker_auth_dir: Path | None = Field(
-        default=None,
-        description="write Mosquitto's password_file (passwd) and acl_file (acl) here from "
-        "the broker accounts; unset: not managed (the embedded broker's are, always)",
-    )
-    broker_pid_file: Path | None = Field(
-        default=None, description="the broker's pid file: SIGHUP after the files change"
-    )
         return {
             step: getattr(self, f"sla_{priority}_{step}_s")
             for step in ("accept", "arrive", "resolve", "escalate")
