@@ -51,7 +51,7 @@ from alerting.alarm_json import (
 from alerting.cases import CASE_CHANNEL, case_json
 from gridwarden import audit
 from gridwarden.auth import Principal
-from gridwarden.db import query
+from gridwarden.db import BIGINT_MAX, query
 from gridwarden.web import AppState, get_state, require_role
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ async def list_alarms(
     cell: Annotated[str | None, Query(description="this cell and the cells below it")] = None,
     device: str | None = None,
     limit: Limit = 100,
-    cursor: Annotated[int | None, Query(ge=1)] = None,
+    cursor: Annotated[int | None, Query(ge=1, le=BIGINT_MAX)] = None,
 ) -> dict[str, Any]:
     states = parse_enum_list("state", alarm_state, ALARM_STATES)
     severities = parse_enum_list("severity", severity, SEVERITIES)

@@ -9,6 +9,7 @@ from importlib import resources
 
 import asyncpg
 
+BIGINT_MAX = 2**63 - 1  # a larger id or cursor would fail in the driver: refuse it with 422
 _NAME_LINE = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 
 

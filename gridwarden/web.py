@@ -8,6 +8,13 @@ change state (any method but GET, HEAD, OPTIONS) authenticated by the cookie mus
 `X-Requested-With: gridwarden`: a cross-site form cannot set that header, so on top of
 `SameSite=Strict` a forged request gets 403. Bearer requests are exempt (a browser never
 adds an Authorization header by itself).
+
+Abuse limits: failed logins and failed bearer tokens count together per client address
+(`LoginLimiter`): past `login_max_failures` within `login_window_s`, both are refused
+with 429 and Retry-After before the token is looked at, even a good one. A request body
+over `http_max_body_bytes` is refused with 413 (`SizeLimits`), by its Content-Length
+before it is read, else as soon as the bytes received pass the limit; a query string over
+8 KiB with 414. String fields of the bodies have maximum lengths in their models.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gridwarden import __version__, audit
 from gridwarden.auth import (
@@ -51,9 +59,15 @@ CSRF_HEADER = "X-Requested-With"
 CSRF_VALUE = "gridwarden"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOGIN_BODY_MAX = 4096  # bytes; a token is 46 characters
+MAX_QUERY_BYTES = 8192  # a query string: filters, a cursor, `next` (at most 2,000 characters)
 MAX_TRACKED_CLIENTS = 10_000  # addresses with recent failed logins kept in memory at most
 
 LOGINS = Counter("gridwarden_web_logins_total", "Logins at POST /login", ["outcome"])
+BEARER_FAILURES = Counter(
+    "gridwarden_web_bearer_failures_total",
+    "Requests with a bad bearer token: failed (401) or limited (429)",
+    ["outcome"],
+)
 
 
 # -- configuration and state
@@ -68,6 +82,7 @@ class WebConfig:
     session_ttl_s: int = 12 * 3600
     login_max_failures: int = 10
     login_window_s: int = 300
+    max_body_bytes: int = 64 * 1024
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WebConfig:
@@ -77,6 +92,7 @@ class WebConfig:
             session_ttl_s=settings.session_ttl_s,
             login_max_failures=settings.login_max_failures,
             login_window_s=settings.login_window_s,
+            max_body_bytes=settings.http_max_body_bytes,
         )
 
 
@@ -188,8 +204,12 @@ async def _authenticate(request: Request, state: AppState) -> Principal | str:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return "missing bearer token"
+        address = _client_address(request)
+        _refuse_if_limited(state, address, BEARER_FAILURES, "failed authentications")
         principal = await principal_for(state.pool, token.strip())
         if principal is None:
+            state.login_limiter.failed(address)
+            BEARER_FAILURES.labels("failed").inc()
             return "invalid or revoked token"
         request.state.auth = "bearer"
         return principal
@@ -320,6 +340,18 @@ def _client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
+def _refuse_if_limited(state: AppState, address: str, counter: Counter, what: str) -> None:
+    """429 when this address has too many failed logins or bearer tokens (counted together)."""
+    retry_after = state.login_limiter.retry_after(address)
+    if retry_after is not None:
+        counter.labels("limited").inc()
+        raise HTTPException(
+            429,
+            f"too many {what}; try again in {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
 def _check_origin(request: Request) -> None:
     """A login posted from another site's page (login CSRF) is refused: the browser's
     Origin header, when sent, must name this host."""
@@ -425,14 +457,7 @@ def _session_router() -> APIRouter:
         `next` (a path on this site) or else `/` (operators, admins) or `/worker`
         (workers); a JSON post gets `{"role", "worker_id", "next", "expires_at"}`."""
         address = _client_address(request)
-        retry_after = state.login_limiter.retry_after(address)
-        if retry_after is not None:
-            LOGINS.labels("limited").inc()
-            raise HTTPException(
-                429,
-                f"too many failed logins; try again in {retry_after} s",
-                headers={"Retry-After": str(retry_after)},
-            )
+        _refuse_if_limited(state, address, LOGINS, "failed logins")
         _check_origin(request)
         token, next_path, as_json = await _login_fields(request)
         next_path = safe_next(next_path or request.query_params.get("next"))
@@ -559,9 +584,76 @@ def _session_router() -> APIRouter:
 # -- the application
 
 
+class BodyTooLarge(HTTPException):
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"the request body is over the limit of {max_bytes} bytes")
+
+
+class SizeLimits:
+    """ASGI middleware: a request body over `max_bytes` gets 413 with a JSON error (a
+    query string over `MAX_QUERY_BYTES`: 414). A
+    Content-Length over the limit is refused before the body is read; a body without one
+    (chunked) or longer than it said is cut off when the bytes received pass the limit.
+    Raised inside a route's body read, `BodyTooLarge` is an HTTPException that FastAPI
+    hands to the app's handler; anywhere else it is answered here."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if len(scope.get("query_string", b"")) > MAX_QUERY_BYTES:
+            await _send_error(send, HTTPException(414, f"query over {MAX_QUERY_BYTES} bytes"))
+            return
+        limit = self.max_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await _send_error(send, BodyTooLarge(limit))
+                return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge as exc:
+            if started:
+                raise
+            await _send_error(send, exc)
+
+
+async def _send_error(send: Send, exc: HTTPException) -> None:
+    body = orjson.dumps({"error": exc.detail})
+    await send({
+        "type": "http.response.start",
+        "status": exc.status_code,
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close")],
+    })  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
 def create_app(state: AppState, routers: list[Any] | None = None) -> FastAPI:
     app = FastAPI(title="gridwarden", version=__version__)
     app.state.gridwarden = state
+    app.add_middleware(SizeLimits, max_bytes=state.web.max_body_bytes)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

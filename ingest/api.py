@@ -10,7 +10,7 @@ import orjson
 from fastapi import APIRouter, Depends, HTTPException, Query
 
 from gridwarden.auth import Principal
-from gridwarden.db import query
+from gridwarden.db import BIGINT_MAX, query
 from gridwarden.web import AppState, get_state, require_role
 
 router = APIRouter(prefix="/api", tags=["ingest"])
@@ -18,6 +18,8 @@ Operator = Annotated[Principal, Depends(require_role("operator", "admin"))]
 Anyone = Annotated[Principal, Depends(require_role("operator", "admin", "worker"))]
 State = Annotated[AppState, Depends(get_state)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
+# Ids (devices, cells: at most 64 characters) and names such as a reason code or a kind.
+Name = Annotated[str | None, Query(max_length=64)]
 DEFAULT_HISTORY = timedelta(hours=24)
 MAX_RAW_ROWS = 5000
 HOUR_S = 3600  # served from the hourly continuous aggregate
@@ -38,10 +40,10 @@ def _device(row: Any) -> dict[str, Any]:
 async def dead_letters(
     _: Operator,
     state: State,
-    reason: str | None = None,
-    device: str | None = None,
+    reason: Name = None,
+    device: Name = None,
     limit: Limit = 100,
-    cursor: Annotated[int | None, Query(ge=1)] = None,
+    cursor: Annotated[int | None, Query(ge=1, le=BIGINT_MAX)] = None,
 ) -> dict[str, Any]:
     rows = await state.pool.fetch(query("list_dead_letters"), reason, device, cursor, limit)
     items = []
@@ -70,10 +72,10 @@ async def dead_letters(
 async def devices(
     _: Anyone,
     state: State,
-    cell: str | None = None,
-    kind: str | None = None,
+    cell: Name = None,
+    kind: Name = None,
     limit: Limit = 100,
-    cursor: str | None = None,
+    cursor: Name = None,
 ) -> dict[str, Any]:
     rows = await state.pool.fetch(query("list_devices"), cell, kind, cursor, limit)
     next_cursor = rows[-1]["id"] if len(rows) == limit else None

@@ -18,6 +18,8 @@ Failure handling:
   validation did not foresee): the batch is retried one message at a time and the
   culprit goes to dead letters with the database's reason, so one poison message
   never blocks the stream.
+Both retry the batch as decoded, never decoding it again: a message is charged to its
+device's rate limit (`rate_limited`, `Decoder`) once and keeps its first outcome.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ RECEIVE_MAXIMUM_BATCHES = 4
 EVENT_LANE_MAX_DELAY_S = 0.005  # events are few: commit them nearly one by one
 EVENT_LANE_RECEIVE_MAXIMUM = 1000
 DECODE_SLICE = 250  # messages decoded between two turns of the event loop (~3 ms)
+UNKNOWN = "unknown_device"
 
 T = TypeVar("T")
 AfterCommit = Callable[[list[Reading]], Awaitable[None]]
@@ -91,6 +94,8 @@ class IngestService:
             max_payload_bytes=settings.max_payload_bytes,
             credential_key=credential_key(settings.credential_hash_key),
             lookup_device=self.directory.lookup,
+            rate_per_s=settings.device_rate_per_s,
+            rate_burst=settings.device_rate_burst,
         )
         self.source = MqttSource(
             mqtt_url,
@@ -213,16 +218,22 @@ class IngestService:
         metrics.RECEIVED.inc(len(batch))
         metrics.QUEUE_DEPTH.set(lane.source.depth())
         decoded = await self._decode_yielding(batch, lane.skip_events)
-        if self.directory.unknown_seen and self.directory.refresh_due():
-            # A device imported moments ago: look again before dead-lettering it.
+        if decoded.unknown and self.directory.refresh_due():
+            # A device imported moments ago: look again before dead-lettering it. Only
+            # the messages of unknown devices are decoded again: the others have been
+            # charged to their device's rate limit once, and keep their outcome.
             await self._with_retry(self.directory.refresh)
-            decoded = await self._decode_yielding(batch, lane.skip_events)
+            again, decoded.unknown = decoded.unknown, []
+            decoded.dead_letters = [d for d in decoded.dead_letters if d.reason != UNKNOWN]
+            await self._decode_yielding(again, lane.skip_events, into=decoded)
         return decoded
 
-    async def _decode_yielding(self, batch: list[RawMessage], skip_events: bool) -> Decoded:
+    async def _decode_yielding(
+        self, batch: list[RawMessage], skip_events: bool, into: Decoded | None = None
+    ) -> Decoded:
         """Decode in slices, letting the event loop run in between: the event lane, the
         outbox and the HTTP API must not wait for a whole bulk batch."""
-        decoded = Decoded()
+        decoded = Decoded() if into is None else into
         for start in range(0, len(batch), DECODE_SLICE):
             if start:
                 await asyncio.sleep(0)

@@ -1,13 +1,18 @@
 """One raw MQTT message → stored readings or dead letters. Pure: no I/O.
 
 Every way a message can be bad maps to one stable dead-letter reason code, so
-operators can count and filter them (`GET /api/dead-letters?reason=`).
+operators can count and filter them (`GET /api/dead-letters?reason=`): `bad_topic`,
+`bad_device_id`, `oversized`, `unknown_device`, `rate_limited` (a registered device over
+its token bucket, `RateLimiter`), `not_utf8`, `not_json`, `not_object`, `wrong_type`,
+`out_of_range`, `missing_field`, `unknown_event`, `bad_timestamp`, `bad_status`,
+`device_mismatch`, `unknown_codec`, `codec_error`; the consumer adds `storage_rejected`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -60,6 +65,9 @@ class Decoded:
     readings: list[Reading] = field(default_factory=list)
     statuses: list[StatusChange] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    # The messages dead-lettered as `unknown_device`: the consumer decodes just these
+    # again after refreshing the registry (the others must not be charged twice).
+    unknown: list[RawMessage] = field(default_factory=list)
 
 
 class BadInput(Exception):
@@ -108,8 +116,58 @@ def _validation_reason(exc: ValidationError) -> tuple[str, str]:
     return reason, detail
 
 
+class RateLimiter:
+    """A token bucket per device: `burst` messages at once, then `rate_per_s` on average.
+
+    A bucket holds at most `burst` tokens, gains `rate_per_s` a second and pays one per
+    message; a message finding less than one token is refused and pays nothing, so a
+    device that keeps flooding still gets `rate_per_s` through. Kept in its one-number
+    form (GCRA): per device only the time at which its bucket would be full again, one
+    float in a dict, which costs one lookup and a few float operations per message. Only
+    registered devices get an entry (unknown ones are refused before), so the state is
+    bounded by the registry. `monotonic` is injectable for tests."""
+
+    __slots__ = ("_full_at", "_interval", "_now", "_tolerance", "burst", "detail", "rate_per_s")
+
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: int,
+        *,
+        unit: str = "msg",
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError(f"rate_per_s must be > 0 and burst >= 1, got {rate_per_s}, {burst}")
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.detail = f"device over {rate_per_s:g} {unit}/s (burst {burst})"
+        self._interval = 1.0 / rate_per_s  # what one message costs, in seconds of refill
+        # A message passes while its bucket is at most burst - 1 tokens short of full (the
+        # tiny slack absorbs the rounding of adding up intervals).
+        self._tolerance = (burst - 1 + 1e-6) * self._interval
+        self._full_at: dict[str, float] = {}
+        self._now = monotonic
+
+    def allow(self, device_id: str) -> bool:
+        now = self._now()
+        full_at = self._full_at.get(device_id, now)
+        if full_at < now:
+            full_at = now
+        elif full_at - now > self._tolerance:
+            return False
+        self._full_at[device_id] = full_at + self._interval
+        return True
+
+    def __len__(self) -> int:
+        return len(self._full_at)
+
+
 class Decoder:
-    """Turns raw messages into readings; holds only configuration, no state."""
+    """Turns raw messages into readings. Holds configuration and, when a rate limit is
+    set, the per-device token buckets: each message is charged once, when decoded (the
+    consumer never decodes a message twice, see `Decoded.unknown`). Events have buckets of
+    their own, so a device flooding telemetry still gets its alarm events through."""
 
     def __init__(
         self,
@@ -118,11 +176,21 @@ class Decoder:
         max_payload_bytes: int,
         credential_key: bytes,
         lookup_device: Callable[[str], DeviceInfo | None],
+        rate_per_s: float = 0.0,
+        rate_burst: int = 60,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.prefix = prefix
         self.max_payload_bytes = max_payload_bytes
         self.credential_key = credential_key
         self.lookup_device = lookup_device
+        self.limiter: RateLimiter | None = None  # 0: no limit
+        self.event_limiter: RateLimiter | None = None
+        if rate_per_s > 0:
+            self.limiter = RateLimiter(rate_per_s, rate_burst, monotonic=monotonic)
+            self.event_limiter = RateLimiter(
+                rate_per_s, rate_burst, unit="events", monotonic=monotonic
+            )
 
     def decode(self, message: RawMessage, into: Decoded) -> None:
         device_id: str | None = None
@@ -145,7 +213,11 @@ class Decoder:
             )
         device = self.lookup_device(topic.device_id)
         if device is None:
+            into.unknown.append(message)
             raise BadInput("unknown_device", f"device {topic.device_id!r} is not registered")
+        limiter = self.event_limiter if topic.channel == "event" else self.limiter
+        if limiter is not None and not limiter.allow(device.id):
+            raise BadInput("rate_limited", limiter.detail)
         if topic.channel == "status":
             into.statuses.append(self._status(topic.device_id, payload, message.received_at))
             return

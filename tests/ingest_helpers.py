@@ -39,6 +39,7 @@ def settings_for(database_url: str, mqtt_url: str, prefix: str, **extra: Any) ->
         "data_dir": Path("/tmp/gridwarden-tests-unused"),
         "batch_max_delay_ms": 20,
         "last_seen_flush_s": 0.2,
+        "device_rate_per_s": 0.0,  # the tests send hundreds of messages per device at once
     }
     values.update(extra)
     return Settings(**values)
@@ -122,5 +123,13 @@ async def fetch(database_url: str, sql: str, *args: Any) -> list[asyncpg.Record]
     conn = await asyncpg.connect(database_url)
     try:
         return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
+
+async def fetchrow(database_url: str, sql: str, *args: Any) -> asyncpg.Record | None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchrow(sql, *args)
     finally:
         await conn.close()

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest.decode import Decoded, Decoder, DeviceInfo, RawMessage, parse_ts
+from ingest.decode import Decoded, Decoder, DeviceInfo, RateLimiter, RawMessage, parse_ts
 
 NOW = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
 DEVICES = {
@@ -186,3 +186,65 @@ json_values = st.recursive(
 def test_arbitrary_json_objects_never_raise(document: dict):
     out = decode("gw/dev/smoke-1/telemetry", document)
     assert len(out.readings) + len(out.dead_letters) == 1
+
+
+# -- per-device rate limit (token bucket, injected clock)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst", "arrivals", "expected"),
+    [
+        # (msg/s, burst, [(seconds since the previous message, how many at once)], passed)
+        (5.0, 3, [(0, 5)], [True, True, True, False, False]),  # the burst, then refused
+        (5.0, 3, [(0, 3), (0.2, 2)], [True] * 3 + [True, False]),  # 0.2 s refills one
+        (5.0, 3, [(0, 3), (0.1, 1), (0.1, 1)], [True] * 3 + [False, True]),  # half, then one
+        (5.0, 3, [(0, 3), (10, 4)], [True] * 3 + [True] * 3 + [False]),  # refills to burst only
+        (2.0, 1, [(0, 1), (0.5, 1), (0.5, 1), (0.25, 1)], [True, True, True, False]),
+        (2.0, 60, [(0, 60), (0, 1)], [True] * 60 + [False]),  # 60 at once: no rounding loss
+        (0.5, 2, [(0, 2), (1, 1), (1, 1)], [True, True, False, True]),  # refused pays nothing
+    ],
+)
+def test_rate_limiter(rate: float, burst: int, arrivals: list, expected: list[bool]):
+    clock = FakeClock()
+    limiter = RateLimiter(rate, burst, monotonic=clock)
+    passed = []
+    for gap, count in arrivals:
+        clock.now += gap
+        passed += [limiter.allow("smoke-1") for _ in range(count)]
+    assert passed == expected
+
+
+def test_a_flooding_device_is_dead_lettered_and_others_are_not():
+    clock = FakeClock()
+    limited = Decoder(prefix="gw", max_payload_bytes=16 * 1024, credential_key=b"k",
+                      lookup_device=DEVICES.get, rate_per_s=5.0, rate_burst=3,
+                      monotonic=clock)  # fmt: skip
+    out = Decoded()
+    for seq in range(10):
+        limited.decode(RawMessage("gw/dev/smoke-1/telemetry", b'{"seq": %d}' % seq, NOW), out)
+    limited.decode(RawMessage("gw/dev/bin-1/telemetry", b'{"fill": 3}', NOW), out)
+    # Events have buckets of their own: a telemetry flood does not hold back an alarm.
+    limited.decode(RawMessage("gw/dev/smoke-1/event", b'{"event": "alarm"}', NOW), out)
+    limited.decode(RawMessage("gw/dev/ghost-1/telemetry", b"{}", NOW), out)  # no bucket
+    assert [(r.device_id, r.seq) for r in out.readings] == [
+        ("smoke-1", 0), ("smoke-1", 1), ("smoke-1", 2), ("bin-1", None), ("smoke-1", None),
+    ]  # fmt: skip
+    letters = [(d.device_id, d.reason, d.detail, d.payload) for d in out.dead_letters]
+    assert letters[:7] == [
+        ("smoke-1", "rate_limited", "device over 5 msg/s (burst 3)", b'{"seq": %d}' % seq)
+        for seq in range(3, 10)
+    ]
+    assert [d.reason for d in out.dead_letters[7:]] == ["unknown_device"]
+    assert [m.topic for m in out.unknown] == ["gw/dev/ghost-1/telemetry"]
+    assert (len(limited.limiter or ()), len(limited.event_limiter or ())) == (2, 1)
+    clock.now += 0.2  # one token back
+    limited.decode(RawMessage("gw/dev/smoke-1/telemetry", b'{"seq": 10}', NOW), out)
+    assert out.readings[-1].seq == 10

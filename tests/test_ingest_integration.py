@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import asyncpg
+import asyncio
 
+import asyncpg
+import orjson
+
+from ingest import metrics
+from ingest.directory import REFRESH_MIN_INTERVAL_S
 from tests.ingest_helpers import (
     TEST_DEVICES,
     fetch,
+    fetchrow,
     fetchval,
     publish,
     publisher,
@@ -144,3 +150,77 @@ async def _last_seen(database_url: str, device_id: str) -> asyncpg.Record | None
     rows = await fetch(database_url, "SELECT * FROM device_last_seen WHERE device_id = $1",
                        device_id)  # fmt: skip
     return rows[0] if rows else None
+
+
+async def test_a_flooding_device_is_rate_limited_and_the_others_are_not(
+    database_url, mqtt_url, topic_prefix
+):
+    """smoke-1 publishes 1,000 messages as fast as it can while bin-1 sends 50 at its own
+    pace: all of bin-1's are stored; each of smoke-1's is stored or a `rate_limited` dead
+    letter with its raw bytes, none lost and none both."""
+    await register_devices(database_url, TEST_DEVICES)
+    settings = settings_for(
+        database_url, mqtt_url, topic_prefix, device_rate_per_s=5.0, device_rate_burst=50
+    )
+    flood, normal = 1000, 50
+    before = metrics.DEAD_LETTERS.labels("rate_limited")._value.get()
+    async with running_ingest(settings), publisher(mqtt_url) as client:
+
+        async def flooder() -> None:
+            for seq in range(flood):
+                await publish(client, f"{topic_prefix}/dev/smoke-1/telemetry",
+                              {"seq": seq, "smoke": 1})  # fmt: skip
+
+        async def well_behaved() -> None:
+            for seq in range(normal):
+                await publish(client, f"{topic_prefix}/dev/bin-1/telemetry",
+                              {"seq": seq, "fill": 5})  # fmt: skip
+                await asyncio.sleep(0.01)
+
+        await asyncio.gather(flooder(), well_behaved())
+        counts = (
+            "SELECT (SELECT count(*) FROM telemetry WHERE device_id = 'smoke-1'),"
+            " (SELECT count(*) FROM dead_letters WHERE device_id = 'smoke-1'),"
+            " (SELECT count(*) FROM telemetry WHERE device_id = 'bin-1')"
+        )
+        stored, dead, others = await wait_for(
+            lambda: fetchrow(database_url, counts),
+            lambda row: row[0] + row[1] == flood and row[2] == normal,
+        )
+    assert others == normal  # the other device is unaffected
+    assert stored + dead == flood
+    assert 50 <= stored < flood  # the burst, and a little of the rate
+    letters = await fetch(database_url, "SELECT reason, detail, payload FROM dead_letters")
+    assert {(r["reason"], r["detail"]) for r in letters} == {
+        ("rate_limited", "device over 5 msg/s (burst 50)")
+    }
+    seqs_stored = {r["seq"] for r in await fetch(
+        database_url, "SELECT seq FROM telemetry WHERE device_id = 'smoke-1'")}  # fmt: skip
+    seqs_dead = {orjson.loads(r["payload"])["seq"] for r in letters}
+    assert seqs_stored | seqs_dead == set(range(flood))
+    assert not seqs_stored & seqs_dead
+    assert metrics.DEAD_LETTERS.labels("rate_limited")._value.get() - before == dead
+
+
+async def test_decoding_again_for_a_new_device_does_not_charge_the_others_twice(
+    database_url, mqtt_url, topic_prefix
+):
+    """A batch with a device the directory does not know yet is decoded again after a
+    registry refresh: only that device's messages, so the rest of the batch keeps its first
+    outcome (5 messages of a burst of 5 are not refused on the second pass)."""
+    await register_devices(database_url, TEST_DEVICES)
+    settings = settings_for(
+        database_url, mqtt_url, topic_prefix, device_rate_per_s=0.1, device_rate_burst=5,
+        batch_max_delay_ms=500, last_seen_flush_s=30,  # one batch; no periodic refresh
+    )  # fmt: skip
+    async with running_ingest(settings), publisher(mqtt_url) as client:
+        await register_devices(database_url, [("late-1", "smoke_detector", None)])
+        await asyncio.sleep(REFRESH_MIN_INTERVAL_S + 0.1)  # an unknown device may refresh
+        for seq in range(5):
+            await publish(client, f"{topic_prefix}/dev/smoke-1/telemetry", {"seq": seq})
+        await publish(client, f"{topic_prefix}/dev/late-1/telemetry", {"seq": 1})
+        both = "SELECT (SELECT count(*) FROM telemetry) + (SELECT count(*) FROM dead_letters)"
+        await wait_for(lambda: fetchval(database_url, both), lambda n: n >= 6)
+        await asyncio.sleep(0.3)
+    assert [r["reason"] for r in await fetch(database_url, "SELECT reason FROM dead_letters")] == []
+    assert await fetchval(database_url, "SELECT count(*) FROM telemetry") == 6

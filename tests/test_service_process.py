@@ -37,6 +37,7 @@ def service_env(database_url: str, mqtt_url: str, prefix: str, tmp_path: Path) -
         "GRIDWARDEN_HTTP_PORT": "0",
         "GRIDWARDEN_DATA_DIR": str(tmp_path),
         "GRIDWARDEN_BATCH_MAX_DELAY_MS": "20",
+        "GRIDWARDEN_DEVICE_RATE_PER_S": "0",  # the tests stream 1,000 messages from one device
     })  # fmt: skip
     return env
 

@@ -6,6 +6,7 @@ routes and their redirects, /api/me and /api/config."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import re
 from collections.abc import AsyncIterator
@@ -422,13 +423,71 @@ async def test_more_than_ten_failures_from_one_address_are_429(site: Site) -> No
     assert 1 <= retry_after <= 300
     assert "too many failed logins" in limited.json()["error"]
     assert SESSION_COOKIE not in limited.headers.get("set-cookie", "")
-    # Another address is not affected, nor are API requests with a token.
+    # Another address is not affected; this one is refused bearer requests too (one limit).
     transport = httpx.ASGITransport(app=site.app, client=("203.0.113.9", 50000))
     async with httpx.AsyncClient(transport=transport, base_url="http://gw.test") as other:
         ok = await other.post("/login", data={"token": site.tokens["operator"]})
         assert ok.status_code == 303
     bearer = {"Authorization": f"Bearer {site.tokens['operator']}"}
-    assert (await site.client.get("/api/me", headers=bearer)).status_code == 200
+    assert (await site.client.get("/api/me", headers=bearer)).status_code == 429
+
+
+async def test_failed_bearer_tokens_are_limited_like_logins(site: Site) -> None:
+    for token in ["gw_wrong"] * 9 + [site.tokens["revoked"]]:
+        response = await site.client.get("/api/me", headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 401
+    # The 11th is refused before the token is looked at, even a good one; logins as well.
+    good = {"Authorization": f"Bearer {site.tokens['operator']}"}
+    limited = await site.client.get("/api/alarms", headers=good)
+    assert limited.status_code == 429
+    assert 1 <= int(limited.headers["retry-after"]) <= 300
+    assert "too many failed authentications" in limited.json()["error"]
+    login = await site.client.post("/login", data={"token": site.tokens["operator"]})
+    assert login.status_code == 429
+    # A session cookie of the same address is not a guess and is not refused.
+    other_transport = httpx.ASGITransport(app=site.app, client=("203.0.113.9", 50000))
+    async with httpx.AsyncClient(transport=other_transport, base_url="http://gw.test") as other:
+        assert (await other.get("/api/me", headers=good)).status_code == 200
+        session_id = (await other.post("/login", data={"token": site.tokens["operator"]})
+                      ).cookies[SESSION_COOKIE]  # fmt: skip
+    assert (await site.client.get("/api/me", headers=cookie(session_id))).status_code == 200
+
+
+# -- size limits
+
+
+async def test_request_bodies_over_the_limit_are_413(site: Site, database_url: str) -> None:
+    small = build_app(site.pool, site.feed, dataclasses.replace(WEB, max_body_bytes=2048))
+    transport = httpx.ASGITransport(app=small, client=("198.51.100.8", 40000))
+    headers = {"Authorization": f"Bearer {site.tokens['operator']}"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw.test") as client:
+        report = {"lat": 39.9, "lon": 116.05, "category": "road", "description": "x" * 1500}
+        # Declared too large: refused before the body is read, on any route.
+        big = {**report, "description": "坑" * 1500}  # 4.5 KB as UTF-8
+        response = await client.post("/api/reports", json=big, headers=headers)
+        assert response.status_code == 413
+        assert response.json() == {"error": "the request body is over the limit of 2048 bytes"}
+        get = await client.request("GET", "/api/me", content=b"x" * 4096, headers=headers)
+        assert get.status_code == 413
+        # Streamed without a Content-Length: cut off when the bytes pass the limit.
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(10):
+                yield b" " * 1024
+
+        streamed = await client.post("/api/cases/1/resolve", content=chunks(), headers=headers)
+        assert streamed.status_code == 413
+        assert streamed.json()["error"].startswith("the request body is over the limit")
+        # Under the limit: served (the model's own limits still apply).
+        assert (await client.post("/api/reports", json=report, headers=headers)).status_code == 201
+        assert (await client.get("/api/alarms?limit=1001", headers=headers)).status_code == 422
+        long_query = await client.get("/api/alarms?device=" + "x" * 9000, headers=headers)
+        assert long_query.status_code == 414
+    too_long = {**report, "description": "x" * 2001}
+    refused = await site.client.post("/api/reports", json=too_long, headers=headers)
+    assert refused.status_code == 422
+    assert "description" in str(refused.json()["problems"])
+    assert WebConfig().max_body_bytes == Settings().http_max_body_bytes == 64 * 1024
 
 
 def test_login_limiter_window_and_addresses() -> None:
