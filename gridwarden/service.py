@@ -23,6 +23,7 @@ from gridwarden.supervisor import Supervisor, TaskFn
 from gridwarden.web import AppState, WebConfig, create_app
 
 if TYPE_CHECKING:
+    from ingest.consumer import IngestService
     from rules.spec import RuleSet
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,57 @@ def broker_check(is_connected: Callable[[], bool]) -> Callable[[], Awaitable[str
     return check
 
 
+class IngestShards:
+    """Runs one ingest shard: its consumer, its rules engine (the shard's devices and
+    groups only) and their timers, until the shard is stopped."""
+
+    def __init__(
+        self, settings: Settings, pool: asyncpg.Pool, mqtt_url: str, ruleset: RuleSet | None
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.mqtt_url = mqtt_url
+        self.ruleset = ruleset
+        self.running: dict[int, IngestService] = {}
+        self.owned: frozenset[int] | None = None  # None: no claim has run yet
+
+    def note_claimed(self, owned: frozenset[int]) -> None:
+        self.owned = owned
+
+    def is_connected(self) -> bool:
+        """Every shard this process holds is consuming (true for a standby holding none)."""
+        if self.owned is None:
+            return False
+        return all(s in self.running and self.running[s].is_connected() for s in self.owned)
+
+    async def run_shard(self, shard: int, stop: asyncio.Event) -> None:
+        from ingest.consumer import IngestService
+        from rules.runtime import RulesService
+
+        count = self.settings.ingest_shards
+        # One shard keeps the unsharded client ids, so an upgrade resumes the old sessions.
+        ingest = IngestService(self.settings, self.pool, self.mqtt_url,
+                               shard=None if count == 1 else shard)  # fmt: skip
+        await ingest.directory.refresh(self.pool)
+        shard_map = ingest.shards
+        rules = RulesService(
+            self.settings, self.pool, ingest.directory.lookup, devices=ingest.directory.ids,
+            ruleset=self.ruleset,
+            owns=None if shard_map is None else lambda source: shard_map.of_source(source) == shard,
+        )  # fmt: skip
+        await rules.start()
+        ingest.rules = rules
+        self.running[shard] = ingest
+        try:
+            async with asyncio.TaskGroup() as group:
+                for name, task in (("ingest", ingest.run), ("maintenance", ingest.maintain),
+                                   ("rules-timers", rules.run_timers),
+                                   ("rules-refresh", rules.run_refresh)):  # fmt: skip
+                    group.create_task(task(stop), name=f"{name}-{shard}")
+        finally:
+            del self.running[shard]
+
+
 async def run_service(
     settings: Settings,
     database_url: str,
@@ -109,8 +161,7 @@ async def run_service(
     from alerting.sla import sla_task
     from gridwarden.clock import SystemClock
     from ingest.api import router as ingest_router
-    from ingest.consumer import IngestService
-    from rules.runtime import RulesService
+    from ingest.shards import ShardOwner
 
     parse_mqtt_url(mqtt_url)
     applied = await migrate(database_url)
@@ -126,20 +177,13 @@ async def run_service(
             supervisor = Supervisor()
             supervisor.install_signal_handlers()
             if "ingest" in roles:
-                # Rules are evaluated inside the ingest transaction: one role.
-                ingest = IngestService(settings, pool, mqtt_url)
-                await ingest.directory.refresh(pool)
-                rules = RulesService(
-                    settings, pool, ingest.directory.lookup, devices=ingest.directory.ids,
-                    ruleset=ruleset,
-                )  # fmt: skip
-                await rules.start()
-                ingest.rules = rules
-                readiness["broker"] = broker_check(ingest.is_connected)
-                supervisor.add("ingest", ingest.run)
-                supervisor.add("ingest-maintenance", ingest.maintain)
-                supervisor.add("rules-timers", rules.run_timers)
-                supervisor.add("rules-refresh", rules.run_refresh)
+                # Rules are evaluated inside the ingest transaction: one role, run per
+                # ingest shard by whichever process holds the shard (ingest/shards.py).
+                shards = IngestShards(settings, pool, mqtt_url, ruleset)
+                readiness["broker"] = broker_check(shards.is_connected)
+                owner = ShardOwner(database_url, settings.ingest_shards, shards.run_shard,
+                                   on_claimed=shards.note_claimed)  # fmt: skip
+                supervisor.add("ingest", owner.run)
             if "alerting" in roles:
                 # Raised alarms are queued in the ingest transaction; their cases are
                 # opened here, out of it (alerting.intake).

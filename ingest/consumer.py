@@ -33,6 +33,7 @@ from datetime import datetime
 from typing import TypeVar
 
 import asyncpg
+import orjson
 
 from gridwarden.config import Settings
 from gridwarden.db import query
@@ -40,6 +41,7 @@ from ingest import metrics
 from ingest.decode import DeadLetter, Decoded, Decoder, RawMessage, Reading, credential_key
 from ingest.directory import DeviceDirectory
 from ingest.mqtt_source import MqttSource
+from ingest.shards import ShardMap
 from ingest.topics import event_subscriptions, subscriptions
 from ingest.writer import RulesHook, WriteResult, write_batch
 
@@ -55,6 +57,11 @@ EVENT_LANE_MAX_DELAY_S = 0.005  # events are few: commit them nearly one by one
 EVENT_LANE_RECEIVE_MAXIMUM = 1000
 DECODE_SLICE = 250  # messages decoded between two turns of the event loop (~3 ms)
 UNKNOWN = "unknown_device"
+
+# Valid JSON that cannot be written back: orjson reads 1,024 levels of nesting but writes
+# only 254 (the `extra` column, a dead letter of an array element), and repr() of the
+# deepest recurses past Python's limit. Such a message is a dead letter, not a crash.
+_UNWRITABLE = (orjson.JSONEncodeError, RecursionError)
 
 T = TypeVar("T")
 AfterCommit = Callable[[list[Reading]], Awaitable[None]]
@@ -85,10 +92,21 @@ class IngestService:
         *,
         rules: RulesHook | None = None,
         after_commit: AfterCommit | None = None,
+        shard: int | None = None,
     ) -> None:
+        """`shard`: run shard `shard` of `settings.ingest_shards` (ingest/shards.py); its
+        sessions' client ids get `-s{shard}`, and other shards' messages are acked unseen."""
         self.settings = settings
         self.pool = pool
+        self.shard = shard
+        self.shards: ShardMap | None = None
         self.directory = DeviceDirectory()
+        client_id = settings.mqtt_client_id
+        if shard is not None:
+            client_id = f"{client_id}-s{shard}"
+            self.shards = ShardMap(settings.ingest_shards, self.directory.lookup,
+                                   settings.topic_prefix)  # fmt: skip
+            self.directory.on_change = self.shards.note_change
         self.decoder = Decoder(
             prefix=settings.topic_prefix,
             max_payload_bytes=settings.max_payload_bytes,
@@ -99,13 +117,13 @@ class IngestService:
         )
         self.source = MqttSource(
             mqtt_url,
-            client_id=settings.mqtt_client_id,
+            client_id=client_id,
             topics=subscriptions(settings.topic_prefix),
             receive_maximum=settings.batch_max_messages * RECEIVE_MAXIMUM_BATCHES,
         )
         self.event_source = MqttSource(
             mqtt_url,
-            client_id=f"{settings.mqtt_client_id}-events",
+            client_id=f"{client_id}-events",
             topics=event_subscriptions(settings.topic_prefix),
             receive_maximum=EVENT_LANE_RECEIVE_MAXIMUM,
         )
@@ -257,10 +275,24 @@ class IngestService:
     ) -> Decoded:
         decoded = Decoded() if into is None else into
         head, tail = self._event_topic
+        shards, shard, others = self.shards, self.shard or 0, 0
         for message in batch:
             if skip_events and message.topic.endswith(tail) and message.topic.startswith(head):
                 continue  # the event lane's
-            self.decoder.decode(message, decoded)
+            if shards is not None and not shards.owns_topic(shard, message.topic):
+                others += 1  # another shard's: acknowledged with the batch, stored by its owner
+                continue
+            readings, letters = len(decoded.readings), len(decoded.dead_letters)
+            try:
+                self.decoder.decode(message, decoded)
+            except _UNWRITABLE as exc:  # not even its dead letter could be written
+                del decoded.readings[readings:], decoded.dead_letters[letters:]
+                decoded.dead_letters.append(DeadLetter(
+                    message.topic, None, "storage_rejected", f"cannot be stored: {exc}",
+                    message.payload, message.received_at,
+                ))  # fmt: skip
+        if others:
+            metrics.OTHER_SHARD.inc(others)
         return decoded
 
     async def _commit(self, decoded: Decoded) -> WriteResult:
@@ -288,7 +320,7 @@ class IngestService:
                     device_id=reading.device_id,
                     reason="storage_rejected",
                     detail=str(refused),
-                    payload=repr(reading).encode(),
+                    payload=_describe(reading),
                     received_at=reading.received_at,
                 )
                 decoded.dead_letters.append(letter)
@@ -315,7 +347,8 @@ class IngestService:
             try:
                 async with self.pool.acquire() as conn:
                     return await work(conn)
-            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
+                    *_UNWRITABLE) as exc:  # fmt: skip
                 raise _DataRefused(str(exc)) from exc
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 metrics.DB_ERRORS.inc()
@@ -361,6 +394,13 @@ class IngestService:
             for device_id, seen in pending.items():
                 self._last_seen.setdefault(device_id, seen)
             raise
+
+
+def _describe(reading: Reading) -> bytes:
+    try:
+        return repr(reading).encode()
+    except RecursionError:
+        return f"Reading({reading.device_id!r}, seq={reading.seq!r}): nested too deeply".encode()
 
 
 class _DataRefused(Exception):

@@ -9,6 +9,7 @@ accepted without a restart and a flood of unknown ids costs at most one query pe
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import datetime
 
 import asyncpg
@@ -20,8 +21,13 @@ REFRESH_MIN_INTERVAL_S = 2.0
 
 
 class DeviceDirectory:
-    def __init__(self, refresh_min_interval_s: float = REFRESH_MIN_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        refresh_min_interval_s: float = REFRESH_MIN_INTERVAL_S,
+        on_change: Callable[[DeviceInfo | None, DeviceInfo], None] | None = None,
+    ) -> None:
         self.devices: dict[str, DeviceInfo] = {}
+        self.on_change = on_change  # (before, after) of each device a refresh changed
         self._watermark: datetime | None = None
         self._summary: tuple[object, ...] = ()
         self._last_refresh = 0.0
@@ -50,7 +56,7 @@ class DeviceDirectory:
             return 0
         rows = await conn.fetch(query("devices_changed_since"), since)
         for row in rows:
-            self.devices[row["id"]] = DeviceInfo(
+            device = DeviceInfo(
                 id=row["id"],
                 kind=row["kind"],
                 cell_id=row["cell_id"],
@@ -58,6 +64,9 @@ class DeviceDirectory:
                 interval_s=row["interval_s"],
                 building=row["building"],
             )
+            if self.on_change is not None:
+                self.on_change(self.devices.get(device.id), device)
+            self.devices[device.id] = device
             self._watermark = row["updated_at"]
         self._summary = summary  # taken before the fetch: a later change differs from it
         self._last_refresh = time.monotonic()

@@ -26,3 +26,8 @@ QUEUE_DEPTH = Gauge(
 DB_ERRORS = Counter(
     "gridwarden_ingest_db_errors_total", "Batch commits that failed and were retried"
 )
+SHARDS_OWNED = Gauge("gridwarden_ingest_shards_owned", "Ingest shards this process runs")
+OTHER_SHARD = Counter(
+    "gridwarden_ingest_other_shard_total",
+    "Messages acknowledged unseen because another ingest shard stores them",
+)

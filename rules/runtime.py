@@ -46,6 +46,7 @@ class RulesService:
         devices: Callable[[], list[str]] = list,
         clock: Clock | None = None,
         ruleset: RuleSet | None = None,
+        owns: Callable[[str], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
@@ -53,6 +54,9 @@ class RulesService:
         self.ruleset = ruleset or load_rules([settings.rules_dir] if settings.rules_dir else [])
         self.engine = Engine(self.ruleset, lookup_device, self.cells_of, self.muted)
         self.devices = devices
+        # Which rule-state sources (device ids, building:/cell: groups) this engine keeps:
+        # with ingest shards (ingest/shards.py), only its shard's; unset: all.
+        self.owns = owns or (lambda source: True)
         self.on_raised = on_raised
         # One writer of engine state at a time: the ingest batch (evaluate → commit)
         # and the timers must not interleave on the same keys.
@@ -95,7 +99,7 @@ class RulesService:
             self.engine.forget_device_rules()
         now = self.clock.now().timestamp()
         for device_id in self.devices():
-            if device_id not in self.engine.heard:
+            if device_id not in self.engine.heard and self.owns(device_id):
                 self.engine.expect(device_id, now)
 
     # -- start -----------------------------------------------------------------------
@@ -106,11 +110,13 @@ class RulesService:
             states = [
                 (row["source"], row["rule"], orjson.loads(row["state"]))
                 for row in await conn.fetch(query("load_rule_states"))
+                if self.owns(row["source"])
             ]
             now = self.clock.now().timestamp()
             heard = {
                 row["id"]: row["last_seen"].timestamp() if row["last_seen"] else now
                 for row in await conn.fetch(query("load_last_heard"))
+                if self.owns(row["id"])
             }
         self.engine.load(states, heard)
         log.info("rules: %d rules, %d states restored", len(self.ruleset.rules), len(states))
