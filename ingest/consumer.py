@@ -41,6 +41,7 @@ from ingest import metrics
 from ingest.decode import DeadLetter, Decoded, Decoder, RawMessage, Reading, credential_key
 from ingest.directory import DeviceDirectory
 from ingest.mqtt_source import MqttSource
+from ingest.shards import ShardMap
 from ingest.topics import event_subscriptions, subscriptions
 from ingest.writer import RulesHook, WriteResult, write_batch
 
@@ -91,10 +92,21 @@ class IngestService:
         *,
         rules: RulesHook | None = None,
         after_commit: AfterCommit | None = None,
+        shard: int | None = None,
     ) -> None:
+        """`shard`: run shard `shard` of `settings.ingest_shards` (ingest/shards.py); its
+        sessions' client ids get `-s{shard}`, and other shards' messages are acked unseen."""
         self.settings = settings
         self.pool = pool
+        self.shard = shard
+        self.shards: ShardMap | None = None
         self.directory = DeviceDirectory()
+        client_id = settings.mqtt_client_id
+        if shard is not None:
+            client_id = f"{client_id}-s{shard}"
+            self.shards = ShardMap(settings.ingest_shards, self.directory.lookup,
+                                   settings.topic_prefix)  # fmt: skip
+            self.directory.on_change = self.shards.note_change
         self.decoder = Decoder(
             prefix=settings.topic_prefix,
             max_payload_bytes=settings.max_payload_bytes,
@@ -105,13 +117,13 @@ class IngestService:
         )
         self.source = MqttSource(
             mqtt_url,
-            client_id=settings.mqtt_client_id,
+            client_id=client_id,
             topics=subscriptions(settings.topic_prefix),
             receive_maximum=settings.batch_max_messages * RECEIVE_MAXIMUM_BATCHES,
         )
         self.event_source = MqttSource(
             mqtt_url,
-            client_id=f"{settings.mqtt_client_id}-events",
+            client_id=f"{client_id}-events",
             topics=event_subscriptions(settings.topic_prefix),
             receive_maximum=EVENT_LANE_RECEIVE_MAXIMUM,
         )
@@ -263,9 +275,13 @@ class IngestService:
     ) -> Decoded:
         decoded = Decoded() if into is None else into
         head, tail = self._event_topic
+        shards, shard, others = self.shards, self.shard or 0, 0
         for message in batch:
             if skip_events and message.topic.endswith(tail) and message.topic.startswith(head):
                 continue  # the event lane's
+            if shards is not None and not shards.owns_topic(shard, message.topic):
+                others += 1  # another shard's: acknowledged with the batch, stored by its owner
+                continue
             readings, letters = len(decoded.readings), len(decoded.dead_letters)
             try:
                 self.decoder.decode(message, decoded)
@@ -275,6 +291,8 @@ class IngestService:
                     message.topic, None, "storage_rejected", f"cannot be stored: {exc}",
                     message.payload, message.received_at,
                 ))  # fmt: skip
+        if others:
+            metrics.OTHER_SHARD.inc(others)
         return decoded
 
     async def _commit(self, decoded: Decoded) -> WriteResult:
