@@ -93,8 +93,17 @@ def main() -> None:
 
 @main.command(epilog=_settings_epilog())
 @common_options
+@click.option("--only", "roles",
+              help="roles of this process, comma-separated: ingest (with the rules), alerting, "
+                   "api; `rules` is a synonym of ingest (as GRIDWARDEN_ROLES)")  # fmt: skip
 def up(**kwargs: Any) -> None:
     """Run the whole service until SIGTERM/SIGINT."""
+    if kwargs.get("roles"):
+        # The rules are evaluated inside the ingest transaction: they run where ingest does.
+        kwargs["roles"] = ",".join(
+            "ingest" if role.strip() == "rules" else role.strip()
+            for role in kwargs["roles"].split(",")
+        )
     settings = _settings(kwargs)
     _serve(settings, demo=False)
 

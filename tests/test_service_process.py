@@ -44,10 +44,10 @@ def service_env(database_url: str, mqtt_url: str, prefix: str, tmp_path: Path) -
 
 @asynccontextmanager
 async def service_process(
-    env: dict[str, str],
+    env: dict[str, str], *args: str
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     process = await asyncio.create_subprocess_exec(
-        *GRIDWARDEN, "up", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        *GRIDWARDEN, "up", *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     assert process.stdout is not None
     url = ""
@@ -185,11 +185,10 @@ async def test_roles_split_over_two_processes(database_url, mqtt_url, topic_pref
     finally:
         await conn.close()
     base = service_env(database_url, mqtt_url, topic_prefix, tmp_path)
-    ingest_env = dict(base, GRIDWARDEN_ROLES="ingest")
     rest_env = dict(base, GRIDWARDEN_ROLES="alerting,api", GRIDWARDEN_DATA_DIR=str(tmp_path / "b"))
     endpoint = parse_mqtt_url(mqtt_url)
     async with (
-        service_process(ingest_env) as (_, ingest_url),
+        service_process(base, "--only", "rules") as (_, ingest_url),  # = ingest (with the rules)
         service_process(rest_env) as (_, api_url),
         aiomqtt.Client(endpoint.host, endpoint.port, identifier=f"c-{topic_prefix}") as console,
         publisher(mqtt_url) as device,
@@ -215,3 +214,10 @@ def test_an_unknown_role_exits_2(tmp_path):
     )
     assert result.returncode == 2
     assert "GRIDWARDEN_ROLES" in result.stderr
+    flag = subprocess.run(
+        [*GRIDWARDEN, "up", "--only", "rules,billing"], env=dict(os.environ,
+        GRIDWARDEN_DATA_DIR=str(tmp_path)), capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert flag.returncode == 2
+    assert "billing" in flag.stderr
