@@ -215,6 +215,7 @@ class BenchConfig:
     load_processes: int = 0  # 0: device_sim.load's default (one per CPU at full speed)
     scaling: bool = False
     scaling_devices: tuple[int, ...] = SCALING_DEVICES
+    processes: tuple[int, ...] = ()  # ingest throughput with this many processes (shards)
 
 
 class Progress:
@@ -354,10 +355,12 @@ def prepare_session(
         client.loop_stop()
 
 
-def drop_service_sessions(mqtt_url: str) -> None:
-    """Delete both of the service's sessions and whatever is queued for them."""
-    for client_id in (SERVICE_CLIENT_ID, SERVICE_EVENTS_CLIENT_ID):
-        prepare_session(mqtt_url, client_id, subscribe=False)
+def drop_service_sessions(mqtt_url: str, shards: int = 1) -> None:
+    """Delete the service's sessions (both lanes of every shard) and what is queued."""
+    suffixes = [""] if shards == 1 else [f"-s{i}" for i in range(shards)]
+    for suffix in suffixes:
+        for client_id in (f"{SERVICE_CLIENT_ID}{suffix}", f"{SERVICE_CLIENT_ID}{suffix}-events"):
+            prepare_session(mqtt_url, client_id, subscribe=False)
 
 
 @dataclass
@@ -623,7 +626,38 @@ class Service:
         return self.peak_rss_kb
 
 
-def start_service(database_url: str, mqtt_url: str, root: Path, name: str) -> Service:
+@dataclass
+class ServiceGroup:
+    """Several services sharing ingest (`GRIDWARDEN_INGEST_SHARDS`), measured as one."""
+
+    services: list[Service]
+
+    def stored(self) -> float:
+        return sum(service.stored() for service in self.services)
+
+    def vm_hwm_kb(self) -> int:
+        return max(service.vm_hwm_kb() for service in self.services)
+
+    def shards_owned(self) -> list[int]:
+        owned = []
+        for service in self.services:
+            text = httpx.get(f"{service.url}/metrics", timeout=10).text
+            value = next((line.split()[-1] for line in text.splitlines()
+                          if line.startswith("gridwarden_ingest_shards_owned ")), "0")  # fmt: skip
+            owned.append(int(float(value)))
+        return owned
+
+    def signal(self, signum: int) -> None:
+        for service in self.services:
+            service.proc.send_signal(signum)
+
+    def stop(self) -> int:
+        return max(service.stop() for service in self.services)
+
+
+def start_service(
+    database_url: str, mqtt_url: str, root: Path, name: str, extra_env: dict[str, str] | None = None
+) -> Service:
     from gridwarden.embedded import free_port
 
     port = free_port()
@@ -639,6 +673,7 @@ def start_service(database_url: str, mqtt_url: str, root: Path, name: str) -> Se
         # (1,000 devices at 6,000 msg/s: 6 each): a limit that runs (its cost is part of
         # the figures) but never refuses.
         "GRIDWARDEN_DEVICE_RATE_PER_S": "100000",
+        **(extra_env or {}),
     }
     log_path = root / f"service-{name}.log"
     with log_path.open("wb") as log:
@@ -659,7 +694,7 @@ def start_service(database_url: str, mqtt_url: str, root: Path, name: str) -> Se
 
 
 def measure_ingest(
-    service: Service, cap_s: float, backlog: int, progress: Callable[[str], None]
+    service: Service | ServiceGroup, cap_s: float, backlog: int, progress: Callable[[str], None]
 ) -> float:
     """Committed telemetry rows per second over a steady window of the backlog drain."""
     start = time.monotonic()
@@ -1027,8 +1062,57 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
             out["scaling"] = run_scaling(
                 config, postgres, dsn, mqtt_url, root, ingest, backlog, progress
             )
+        if config.processes:
+            out["by_processes"] = run_processes(config, dsn, mqtt_url, root, ingest, backlog,
+                                                progress)  # fmt: skip
     out["wall_s"] = round(time.monotonic() - t_start, 1)
     return out
+
+
+# --------------------------------------------------------------------------- processes
+def run_processes(
+    config: BenchConfig, dsn: str, mqtt_url: str, root: Path, ingest: float, backlog: int,
+    progress: Callable[[str], None],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Ingest throughput with N `gridwarden up` processes sharing N ingest shards.
+
+    The N processes start first and rebalance (one shard each), then all are paused
+    (SIGSTOP) while the same backlog is published, and resumed together: each drains the
+    queue of its own shard sessions, which (Mosquitto having no hash-based shared
+    subscription) each hold the whole stream; a shard acknowledges other shards'
+    messages unseen. Rate = telemetry rows committed by all of them per second."""
+    size = int(min(max(ingest * (WARMUP_S + config.duration + 5) * 1.25, BACKLOG_MIN), backlog))
+    rows = []
+    for step, count in enumerate(config.processes):
+        env = {"GRIDWARDEN_INGEST_SHARDS": str(count)}
+        group = ServiceGroup([start_service(dsn, mqtt_url, root, f"processes-{count}-{i}", env)
+                              for i in range(count)])  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while group.shards_owned() != [1] * count and time.monotonic() < deadline:
+                time.sleep(0.5)
+            owned = group.shards_owned()
+            group.signal(signal.SIGSTOP)
+            progress(f"processes: {count} running (shards {owned}), paused; "
+                     f"publishing {size:,} messages")  # fmt: skip
+            load_summary(
+                run_load_process(mqtt_url, config.devices, processes=config.load_processes,
+                                 count=size, qos=1, seq_base=(30 + step) * 10**12,
+                                 alarm_fleet=ALARM_FLEET),
+                timeout=900,
+            )  # fmt: skip
+            group.signal(signal.SIGCONT)
+            rate = measure_ingest(group, config.duration, size, progress)
+        finally:
+            group.signal(signal.SIGCONT)
+            peak = group.stop()
+        drop_service_sessions(mqtt_url, count)
+        rows.append({
+            "processes": count, "ingest_msgs_per_s": round(rate, 1), "shards_owned": owned,
+            "peak_rss_mb_per_process": round(peak / 1024, 1),
+        })  # fmt: skip
+        progress(f"processes: {count}: {rate:,.0f} msg/s")
+    return rows
 
 
 # --------------------------------------------------------------------------- scaling
@@ -1174,7 +1258,7 @@ def render_table(result: dict[str, Any], console: Console) -> None:
     table.add_column("figure")
     table.add_column("value", justify="right")
     for key, value in result.items():
-        if key == "scaling":
+        if key in ("scaling", "by_processes"):
             continue
         shown = f"{value:,.1f}" if isinstance(value, float) else str(value)
         table.add_row(key, shown)
@@ -1182,6 +1266,19 @@ def render_table(result: dict[str, Any], console: Console) -> None:
     scaling = result.get("scaling")
     if scaling:
         render_scaling(scaling, console)
+    if result.get("by_processes"):
+        render_processes(result["by_processes"], console)
+
+
+def render_processes(rows: list[dict[str, Any]], console: Console) -> None:
+    table = Table(title="ingest by processes sharing ingest shards")
+    for column in ("processes", "ingest msg/s", "shards owned", "peak RSS MB per process"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        rate, rss = row["ingest_msgs_per_s"], row["peak_rss_mb_per_process"]
+        owned = str(row["shards_owned"])
+        table.add_row(str(row["processes"]), f"{rate:,.0f}", owned, f"{rss:,.0f}")
+    console.print(table)
 
 
 def render_scaling(scaling: dict[str, Any], console: Console) -> None:
@@ -1207,18 +1304,20 @@ def render_scaling(scaling: dict[str, Any], console: Console) -> None:
 
 def main(
     devices: int, duration: float, as_json: bool, qos: int, *, scaling: bool = False,
-    scaling_devices: tuple[int, ...] = SCALING_DEVICES,
+    scaling_devices: tuple[int, ...] = SCALING_DEVICES, processes: tuple[int, ...] = (),
 ) -> None:  # fmt: skip
     """Entry point for `gridwarden bench` (see gridwarden/cli.py)."""
     err = Console(stderr=True)
     config = BenchConfig(
         devices=devices, duration=duration, qos=qos, scaling=scaling,
-        scaling_devices=scaling_devices or SCALING_DEVICES,
+        scaling_devices=scaling_devices or SCALING_DEVICES, processes=processes,
     )  # fmt: skip
     result = run_bench(config, err)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         if scaling:
             render_scaling(result["scaling"], err)
+        if processes:
+            render_processes(result["by_processes"], err)
     else:
         render_table(result, Console())

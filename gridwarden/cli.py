@@ -351,19 +351,28 @@ def credentials_write(directory: Path, **kwargs: Any) -> None:
                    " of the ingest rate (several more minutes)")  # fmt: skip
 @click.option("--scaling-devices", default="1000,10000,100000,1000000", show_default=True,
               help="registered-device counts for --scaling, comma-separated")  # fmt: skip
+@click.option("--processes", default="",
+              help="also ingest throughput with this many processes sharing ingest shards, "
+                   "comma-separated (e.g. 1,2,3)")  # fmt: skip
 def bench(
-    devices: int, duration: float, as_json: bool, qos: str, scaling: bool, scaling_devices: str
-) -> None:
+    devices: int, duration: float, as_json: bool, qos: str, scaling: bool, scaling_devices: str,
+    processes: str,
+) -> None:  # fmt: skip
     """Benchmark ingest, alarm and notification latency on private servers (see README)."""
     from gridwarden.bench import main as run_bench
 
-    try:
-        sizes = tuple(int(n) for n in scaling_devices.split(",") if n.strip())
-    except ValueError:
-        raise click.BadParameter(
-            "integers separated by commas", param_hint="--scaling-devices"
-        ) from None
-    run_bench(devices, duration, as_json, int(qos), scaling=scaling, scaling_devices=sizes)
+    def integers(text: str, option: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(n) for n in text.split(",") if n.strip())
+        except ValueError:
+            raise click.BadParameter("integers separated by commas", param_hint=option) from None
+        if any(value < 1 for value in values):
+            raise click.BadParameter("each at least 1", param_hint=option)
+        return values
+
+    run_bench(devices, duration, as_json, int(qos), scaling=scaling,
+              scaling_devices=integers(scaling_devices, "--scaling-devices"),
+              processes=integers(processes, "--processes"))  # fmt: skip
 
 
 def _mount_sim() -> None:

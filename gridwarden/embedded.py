@@ -846,10 +846,7 @@ class EmbeddedMosquitto:
             target = self.home / name
             _write_file(target, Path(source).read_text(encoding="ascii"), self.account)
             copies.append(target)
-        return (
-            f"\nlistener {self.tls_port} {LOOPBACK}\n"
-            f"certfile {copies[0]}\nkeyfile {copies[1]}\n"
-        )
+        return f"\nlistener {self.tls_port} {LOOPBACK}\ncertfile {copies[0]}\nkeyfile {copies[1]}\n"
 
     def _write_config(self, port: int) -> None:
         home = str(self.home)

@@ -111,12 +111,13 @@ def test_ack_stream_is_split_into_whole_packets() -> None:
     assert connect_packet("x")[0] == 0x10
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(330)
 def test_bench_json_has_every_figure() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "gridwarden", "bench", "--devices", "200", "--duration", "1.5",
-         "--json", "--scaling", "--scaling-devices", ",".join(map(str, SCALING_SIZES))],
-        capture_output=True, text=True, timeout=230,
+         "--json", "--scaling", "--scaling-devices", ",".join(map(str, SCALING_SIZES)),
+         "--processes", "1,2"],
+        capture_output=True, text=True, timeout=320,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -139,6 +140,12 @@ def test_bench_json_has_every_figure() -> None:
         "alarm": 0, "notify": 0, "alarm_telemetry": 0, "notify_telemetry": 0,
         "alarm_saturated": 0, "notify_saturated": 0,
     }  # fmt: skip
+
+    # Two processes share the two ingest shards, one each, and both commit.
+    assert [row["processes"] for row in result["by_processes"]] == [1, 2]
+    assert [row["shards_owned"] for row in result["by_processes"]] == [[1], [1, 1]]
+    for row in result["by_processes"]:
+        _positive(row, "ingest_msgs_per_s")
 
     scaling = result["scaling"]
     assert [row["devices"] for row in scaling["by_devices"]] == list(SCALING_SIZES)
