@@ -19,6 +19,7 @@ from gridwarden.config import Settings
 from gridwarden.db import create_pool
 from gridwarden.migrate import migrate
 from gridwarden.mqtt_url import parse_mqtt_url
+from gridwarden.retention import apply_policies, retention_task
 from gridwarden.supervisor import Supervisor, TaskFn
 from gridwarden.web import AppState, WebConfig, create_app
 
@@ -184,6 +185,10 @@ async def run_service(
                 owner = ShardOwner(database_url, settings.ingest_shards, shards.run_shard,
                                    on_claimed=shards.note_claimed)  # fmt: skip
                 supervisor.add("ingest", owner.run)
+            async with pool.acquire() as conn:
+                timescale = await apply_policies(conn, settings)
+            if "alerting" in roles and not timescale:
+                supervisor.add("retention", retention_task(pool, settings))
             if "alerting" in roles:
                 # Raised alarms are queued in the ingest transaction; their cases are
                 # opened here, out of it (alerting.intake).

@@ -290,3 +290,29 @@ async def test_migrate_again_applies_nothing(migrated: list[str], timescale_dsn:
         # advisory lock is gone and no transaction is left open.
         assert not conn.is_in_transaction()
         assert await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == 0
+
+
+async def test_retention_and_compression_follow_the_settings(
+    migrated: list[str], timescale_dsn: str
+) -> None:
+    from gridwarden.config import Settings
+    from gridwarden.retention import apply_policies
+
+    settings = Settings(telemetry_retention_days=90, telemetry_compress_after_days=3)
+    default = Settings()
+    async with connection(timescale_dsn) as conn:
+        try:
+            assert await apply_policies(conn, settings)
+            ages = {
+                proc: await conn.fetchval(query("telemetry_policy_age"), proc)
+                for proc in ("policy_retention", "policy_compression")
+            }
+            assert ages == {
+                "policy_retention": timedelta(days=90),
+                "policy_compression": timedelta(days=3),
+            }
+        finally:
+            await apply_policies(conn, default)  # the other tests expect the defaults
+        assert await conn.fetchval(query("telemetry_policy_age"), "policy_retention") == (
+            timedelta(days=365)
+        )
