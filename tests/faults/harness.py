@@ -42,6 +42,13 @@ DEVICES = [
 ]
 # One grid worker gets every first dispatch; an escalation goes to the grid leader.
 WORKERS = [("w-li", "李娜", "grid_worker"), ("lead-1", "陈队长", "grid_leader")]
+# Every dead-letter reason of the README (ingest guarantees), plus rate_limited.
+KNOWN_REASONS = {
+    "bad_topic", "bad_device_id", "oversized", "unknown_device", "rate_limited", "not_utf8",
+    "not_json", "not_object", "wrong_type", "out_of_range", "missing_field", "unknown_event",
+    "bad_timestamp", "bad_status", "device_mismatch", "unknown_codec", "codec_error",
+    "storage_rejected",
+}  # fmt: skip
 # A padding field (unknown fields are kept in `extra`): big messages make memory visible.
 PAD = "x" * 12_000
 

@@ -9,15 +9,8 @@ from __future__ import annotations
 
 import orjson
 
-from tests.faults.harness import fault_env, running_service, setup_city
+from tests.faults.harness import KNOWN_REASONS, fault_env, running_service, setup_city
 from tests.ingest_helpers import fetch, fetchval, publish, publisher, wait_for
-
-KNOWN_REASONS = {
-    "bad_topic", "bad_device_id", "oversized", "unknown_device", "rate_limited", "not_utf8",
-    "not_json", "not_object", "wrong_type", "out_of_range", "missing_field", "unknown_event",
-    "bad_timestamp", "bad_status", "device_mismatch", "unknown_codec", "codec_error",
-    "storage_rejected",
-}  # fmt: skip
 
 
 def nested(depth: int) -> bytes:
