@@ -117,7 +117,15 @@ class Service:
         async with asyncio.timeout(WAIT_S * 2):
             self.url = await up
         async with httpx.AsyncClient(base_url=self.url) as http:
-            await wait_for(lambda: http.get("/readyz"), lambda r: r.status_code == 200)
+
+            async def ready() -> int:
+                assert self.alive(), f"the service exited; see {self.log_file}"
+                try:
+                    return (await http.get("/readyz")).status_code
+                except httpx.TransportError:  # listening, not answering yet
+                    return 0
+
+            await wait_for(ready, lambda status: status == 200, within_s=WAIT_S * 2)
 
     async def _copy_output(self, up: asyncio.Future[str]) -> None:
         assert self.process is not None
