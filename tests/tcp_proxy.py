@@ -25,6 +25,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._blackholed: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
@@ -55,6 +56,12 @@ class TcpProxy:
         await asyncio.gather(*self._pipes, return_exceptions=True)
         self._writers.clear()
 
+    def blackhole(self) -> None:
+        """From now on the open connections silently lose everything sent on them, in both
+        directions, and are never closed (a peer gone without a FIN or RST: a rebooted
+        host, a NAT table flushed); new connections work."""
+        self._blackholed |= self._pipes
+
     def connections(self) -> int:
         """Open connections (two pipes each)."""
         return len(self._pipes) // 2
@@ -78,14 +85,18 @@ class TcpProxy:
         sink: asyncio.StreamWriter,
         rewrite: Callable[[bytes], bytes] | None = None,
     ) -> None:
+        me = asyncio.current_task()
         try:
             while data := await source.read(65536):
+                if me in self._blackholed:
+                    continue
                 sink.write(rewrite(data) if rewrite else data)
                 await sink.drain()
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
-            sink.close()
+            if me not in self._blackholed:
+                sink.close()
 
 
 def drop_mqtt_packets(packet_type: int) -> Callable[[bytes], bytes]:
