@@ -36,7 +36,16 @@ def query(name: str) -> str:
     return queries()[name]
 
 
+# No statement of the service takes this long (a batch commits in well under a second):
+# past it the connection is taken for dead (a half-open TCP connection never answers and
+# would stall its task for the ~15 minutes the kernel takes to give up), and the caller's
+# retry goes to a new one.
+COMMAND_TIMEOUT_S = 30.0
+
+
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, command_timeout=COMMAND_TIMEOUT_S
+    )
     assert pool is not None
     return pool

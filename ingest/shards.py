@@ -45,6 +45,7 @@ MOVE_GRACE_S: Final = 30.0
 CLAIM_INTERVAL_S: Final = 1.0  # how often a process looks at members and free shards
 REBALANCE_AFTER: Final = 2  # claim rounds over its fair share before a process hands one over
 LOCK_CHECK_TIMEOUT_S: Final = 5.0
+RETAKE_S: Final = 3.0  # after a reconnect, how long our old session may take to end
 
 
 def _hash(text: str) -> int:
@@ -136,6 +137,7 @@ class ShardOwner:
         self.owned: dict[int, tuple[asyncio.Event, asyncio.Task[None]]] = {}
         self._conn: asyncpg.Connection | None = None
         self._over = 0  # claim rounds in a row holding more than the fair share
+        self._stale_pid: int | None = None  # the backend of a lock connection we lost
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -165,8 +167,13 @@ class ShardOwner:
             conn, fresh = await self._connection()
             if fresh:  # a new session holds no locks: join, and take ours back first
                 await conn.fetchval(query("shard_join"), MEMBER_LOCK_CLASS)
+                if self._stale_pid is not None:
+                    # Our previous session may live on behind a half-open connection,
+                    # holding our locks: end it (a role may end its own sessions).
+                    await conn.fetchval(query("shard_end_session"), self._stale_pid)
+                    self._stale_pid = None
                 for shard in sorted(self.owned):
-                    if not await conn.fetchval(query("shard_try_lock"), SHARD_LOCK_CLASS, shard):
+                    if not await self._retake(conn, shard):
                         await self._give_up(shard)
             members = await conn.fetchval(query("shard_members"), MEMBER_LOCK_CLASS)
             fair = -(-self.count // max(int(members), 1))
@@ -193,8 +200,19 @@ class ShardOwner:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             log.warning("ingest shards: lock connection lost (%s); will retake ours", exc)
             if self._conn is not None:
+                self._stale_pid = self._conn.get_server_pid()
                 self._conn.terminate()
                 self._conn = None
+
+    async def _retake(self, conn: asyncpg.Connection, shard: int) -> bool:
+        """Our shard's lock on the new session; a moment's patience while the ended old
+        session goes away."""
+        deadline = time.monotonic() + RETAKE_S
+        while not await conn.fetchval(query("shard_try_lock"), SHARD_LOCK_CLASS, shard):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
 
     async def _give_up(self, shard: int) -> None:
         """Another process took the shard while our lock connection was down: stop ours."""
