@@ -55,6 +55,7 @@ class DeviceDirectory:
             self.unknown_seen = False
             return 0
         rows = await conn.fetch(query("devices_changed_since"), since)
+        initial = self._watermark is None
         for row in rows:
             device = DeviceInfo(
                 id=row["id"],
@@ -64,7 +65,7 @@ class DeviceDirectory:
                 interval_s=row["interval_s"],
                 building=row["building"],
             )
-            if self.on_change is not None:
+            if self.on_change is not None and not initial:  # changes, not the first load
                 self.on_change(self.devices.get(device.id), device)
             self.devices[device.id] = device
             self._watermark = row["updated_at"]

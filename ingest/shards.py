@@ -61,6 +61,7 @@ class ShardMap:
     prefix: str = "gw"
     # device id -> (shard it belonged to before its last move, when it moved)
     moved: dict[str, tuple[int, float]] = field(default_factory=dict)
+    _pruned_at: float = 0.0
 
     def of_cell(self, cell_id: str) -> int:
         return _hash(cell_id) % self.count
@@ -104,9 +105,11 @@ class ShardMap:
         before = self._shard_of(old.id if old else new.id, old.cell_id if old else None)
         if before != self._shard_of(new.id, new.cell_id):
             self.moved[new.id] = (before, now)
-        for device_id, (_, at) in list(self.moved.items()):
-            if now - at >= MOVE_GRACE_S:
-                del self.moved[device_id]
+        if now - self._pruned_at >= 1.0:  # at most once a second: a refresh may bring many
+            self._pruned_at = now
+            for device_id, (_, at) in list(self.moved.items()):
+                if now - at >= MOVE_GRACE_S:
+                    del self.moved[device_id]
 
     def _shard_of(self, device_id: str, cell_id: str | None) -> int:
         return self.of_cell(cell_id) if cell_id else _hash(device_id) % self.count

@@ -33,3 +33,27 @@ async def test_refresh_loads_only_when_something_changed(database_url: str) -> N
         assert device.interval_s == 120
     finally:
         await conn.close()
+
+
+async def test_changes_are_reported_but_not_the_first_load(database_url: str) -> None:
+    # The ingest shards note each device that changed cell; on the first load (100,000
+    # devices) that would be every device, each time pruning the list: quadratic.
+    await register_devices(database_url, TEST_DEVICES)
+    changes: list[tuple[str | None, str]] = []
+    directory = DeviceDirectory(
+        on_change=lambda old, new: changes.append((old.id if old else None, new.id))
+    )
+    conn = await asyncpg.connect(database_url)
+    try:
+        await directory.refresh(conn)
+        assert changes == []
+        await conn.execute(
+            "INSERT INTO devices (id, kind, lat, lon, interval_s) "
+            "VALUES ('late-2', 'smart_bin', 29.08, 120.65, 60)"
+        )
+        directory._last_refresh = 0.0
+        await directory.refresh(conn)
+        assert (None, "late-2") in changes  # a new device: no previous view
+        assert all(new == "late-2" or old == new for old, new in changes)
+    finally:
+        await conn.close()
