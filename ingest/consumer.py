@@ -6,7 +6,8 @@ forced, tamper…) with small batches, and the *bulk* lane (telemetry, status, c
 topics). The bulk session also subscribes to `dev/+/+` so a message on an unknown
 channel still reaches a dead letter; it acknowledges event messages without storing
 them (the event session has its own copy). Each device's messages stay in order
-within a lane; both lanes evaluate rules under the one rules lock.
+within a lane; both lanes evaluate rules and commit under the one rules lock (taken
+after the batch's COPYs, ingest/writer.py).
 
 Within a lane, decoding the next batch overlaps the commit of the previous one
 (Python works while PostgreSQL does), at most one decoded batch waiting.
@@ -259,11 +260,7 @@ class IngestService:
         return decoded
 
     async def _commit_and_ack(self, lane: Lane, batch: list[RawMessage], decoded: Decoded) -> None:
-        if self.rules is not None:
-            async with self.rules.lock:
-                result = await self._commit(decoded)
-        else:
-            result = await self._commit(decoded)
+        result = await self._commit(decoded)  # the rules lock is taken inside (writer.py)
         lane.source.ack(batch)
         self.committed_batches += 1
         self._record(result, decoded)
@@ -336,10 +333,7 @@ class IngestService:
         async def work(conn: asyncpg.Connection) -> WriteResult:
             return await write_batch(conn, decoded, self.settings.dedup_window_s, self.rules)
 
-        result = await self._with_retry(work)
-        if self.rules is not None and result.evaluation is not None:
-            self.rules.committed(result.evaluation)
-        return result
+        return await self._with_retry(work)
 
     async def _with_retry(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         delay = RETRY_MIN_S

@@ -4,6 +4,7 @@ dead letters. Nothing is acknowledged to the broker before this commits."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -114,23 +115,38 @@ async def write_batch(
     dedup_window_s: float,
     rules: RulesHook | None = None,
 ) -> WriteResult:
-    async with conn.transaction():
-        fresh, duplicates = await claim_new(conn, decoded.readings, dedup_window_s)
-        telemetry = [_telemetry_record(r) for r in fresh if r.channel == "telemetry"]
-        events = [_event_record(r) for r in fresh if r.channel == "event"]
-        if telemetry:
-            await conn.copy_records_to_table(
-                "telemetry", records=telemetry, columns=TELEMETRY_COLUMNS
-            )
-        if events:
-            await conn.copy_records_to_table("device_events", records=events, columns=EVENT_COLUMNS)
-        dead = [
-            (d.received_at, d.topic, d.device_id, d.reason, d.detail, d.payload)
-            for d in decoded.dead_letters
-        ]
-        if dead:
-            await conn.copy_records_to_table(
-                "dead_letters", records=dead, columns=DEAD_LETTER_COLUMNS
-            )
-        evaluation = await rules.in_transaction(conn, fresh) if rules and fresh else None
+    # The rules lock (one writer of engine state at a time) is taken only for the rules
+    # and the commit, not for the claim and the COPYs before them: the event lane's
+    # alarms need not wait for a bulk batch's COPY. Both lanes take their row locks
+    # (dedup claims) before the rules lock, and the rules touch no such rows, so a batch
+    # waiting for the lock never holds anything its holder needs.
+    async with contextlib.AsyncExitStack() as holding:
+        async with conn.transaction():
+            fresh, duplicates = await claim_new(conn, decoded.readings, dedup_window_s)
+            telemetry = [_telemetry_record(r) for r in fresh if r.channel == "telemetry"]
+            events = [_event_record(r) for r in fresh if r.channel == "event"]
+            if telemetry:
+                await conn.copy_records_to_table(
+                    "telemetry", records=telemetry, columns=TELEMETRY_COLUMNS
+                )
+            if events:
+                await conn.copy_records_to_table(
+                    "device_events", records=events, columns=EVENT_COLUMNS
+                )
+            dead = [
+                (d.received_at, d.topic, d.device_id, d.reason, d.detail, d.payload)
+                for d in decoded.dead_letters
+            ]
+            if dead:
+                await conn.copy_records_to_table(
+                    "dead_letters", records=dead, columns=DEAD_LETTER_COLUMNS
+                )
+            evaluation = None
+            if rules is not None and fresh:
+                await holding.enter_async_context(rules.lock)
+                evaluation = await rules.in_transaction(conn, fresh)
+        # Committed (an error above skips this): the engine's memory follows, then
+        # `holding` releases the lock.
+        if rules is not None and evaluation is not None:
+            rules.committed(evaluation)
     return WriteResult(fresh, len(telemetry), len(events), len(dead), duplicates, evaluation)
