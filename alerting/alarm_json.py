@@ -7,8 +7,9 @@ Conventions for a writer of `alarms`, in the transaction that changes the row:
 
 - set `updated_at = now()` on every change (the SSE feed resynchronises a reconnecting
   client from it);
-- call `announce_alarm(conn, row, change, topic_prefix)` with the row as it is after the
-  change (`RETURNING` the columns of `ALARM_COLUMNS`). It always runs
+- call `announce_alarm(conn, row, change, topic_prefix)` (`announce_alarms` for several)
+  with the row as it is after the change (`RETURNING` the columns of `ALARM_COLUMNS`). It
+  always runs
   `pg_notify('gw_alarm', <alarm id>)` (the live feed); for a lifecycle change (anything
   but `repeated`) it also inserts an outbox row - topic `{prefix}/alarms/{cell_id}`, or
   `{prefix}/alarms/unassigned` without a cell; payload `alarm_json(row)` plus
@@ -19,7 +20,7 @@ Notifications are delivered on commit only, so nobody sees a change that rolls b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
@@ -85,11 +86,27 @@ async def announce_alarm(
     """Notify the live feed and, unless `change` is a mere repeat, queue the MQTT message.
 
     Call inside the transaction that made the change."""
-    if change not in CHANGES:
-        raise ValueError(f"unknown alarm change {change!r}")
-    topic: str | None = None
-    payload: str | None = None
-    if change != "repeated":
-        topic = alarm_topic(topic_prefix, row["cell_id"])
-        payload = orjson.dumps(alarm_message(row, change)).decode()
-    await conn.execute(query("announce_alarm"), row["id"], topic, payload)
+    await announce_alarms(conn, [(row, change)], topic_prefix)
+
+
+async def announce_alarms(
+    conn: asyncpg.Connection,
+    changes: Sequence[tuple[Mapping[str, Any], Change]],
+    topic_prefix: str,
+) -> None:
+    """`announce_alarm` for several changes, in their order, in one statement."""
+    ids: list[int] = []
+    topics: list[str | None] = []
+    payloads: list[str | None] = []
+    for row, change in changes:
+        if change not in CHANGES:
+            raise ValueError(f"unknown alarm change {change!r}")
+        ids.append(row["id"])
+        if change == "repeated":
+            topics.append(None)
+            payloads.append(None)
+        else:
+            topics.append(alarm_topic(topic_prefix, row["cell_id"]))
+            payloads.append(orjson.dumps(alarm_message(row, change)).decode())
+    if ids:
+        await conn.execute(query("announce_alarms"), ids, topics, payloads)

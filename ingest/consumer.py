@@ -9,10 +9,15 @@ them (the event session has its own copy). Each device's messages stay in order
 within a lane; both lanes evaluate rules and commit under the one rules lock (taken
 after the batch's COPYs, ingest/writer.py).
 
-Within a lane, decoding the next batch overlaps the commit of the previous one
-(Python works while PostgreSQL does), at most one decoded batch waiting.
+Within a lane, decoding the next batch overlaps the writes of the previous ones, and two
+batches write at once on their own connections (one's claim and COPYs overlap the
+other's rules and commit): Python works while PostgreSQL does. Their rules and commits
+keep the lane's order (`ingest.writer.Turn`), and they are acknowledged in order.
 
 Failure handling:
+- a batch's write fails while others are in flight behind it: those are rolled back
+  (they wait for its turn, so none committed) and all are written again one at a time,
+  in order, as below;
 - the database is unreachable: the batch is kept and retried with backoff; nothing
   is acknowledged, so the broker holds the rest (bounded by Receive Maximum);
 - the database refuses the batch's data (a constraint or encoding error that
@@ -26,12 +31,13 @@ device's rate limit (`rate_limited`, `Decoder`) once and keeps its first outcome
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
@@ -44,16 +50,19 @@ from ingest.directory import DeviceDirectory
 from ingest.mqtt_source import MqttSource
 from ingest.shards import ShardMap
 from ingest.topics import event_subscriptions, subscriptions
-from ingest.writer import RulesHook, WriteResult, write_batch
+from ingest.writer import RulesHook, Turn, WriteResult, write_batch
 
 log = logging.getLogger(__name__)
 
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 5.0
 DEDUP_PRUNE_INTERVAL_S = 600.0
-# What a Receive Maximum of a few batches buys: the next batch is already waiting
-# while one commits, and memory stays bounded when the database stalls.
-RECEIVE_MAXIMUM_BATCHES = 4
+# What a Receive Maximum of a few batches buys: two batches writing, one decoded and
+# waiting, one being decoded, one arriving; memory stays bounded when the database stalls.
+RECEIVE_MAXIMUM_BATCHES = 5
+# Batches of one lane writing at once: one's claim and COPYs overlap the other's rules and
+# commit (PostgreSQL works while Python does).
+PIPELINE_DEPTH = 2
 EVENT_LANE_MAX_DELAY_S = 0.005  # events are few: commit them nearly one by one
 EVENT_LANE_RECEIVE_MAXIMUM = 1000
 DECODE_SLICE = 250  # messages decoded between two turns of the event loop (~3 ms)
@@ -74,6 +83,14 @@ class Lane:
     source: MqttSource
     max_delay_s: float
     skip_events: bool  # the bulk lane: event messages are the event lane's
+
+
+@dataclass
+class _InFlight:
+    batch: list[RawMessage]
+    decoded: Decoded
+    turn: Turn
+    task: asyncio.Task[WriteResult]
 
 
 @dataclass
@@ -208,9 +225,74 @@ class IngestService:
     async def _commit_loop(
         self, lane: Lane, ready: asyncio.Queue[tuple[list[RawMessage], Decoded] | None]
     ) -> None:
-        while (item := await ready.get()) is not None:
-            batch, decoded = item
-            await self._commit_and_ack(lane, batch, decoded)
+        """Write up to PIPELINE_DEPTH batches at once, each on its own connection, and
+        acknowledge them in order. Their rules and commits keep the lane's order (`Turn`);
+        when one fails, those after it are rolled back and all are written again one at a
+        time, in order, with the retries of `_commit`."""
+        window: collections.deque[_InFlight] = collections.deque()
+        getter: asyncio.Future[tuple[list[RawMessage], Decoded] | None] | None = None
+        closed = False
+        try:
+            while window or not closed:
+                if getter is None and not closed and len(window) < PIPELINE_DEPTH:
+                    getter = asyncio.ensure_future(ready.get())
+                waiting: set[asyncio.Future[Any]] = {window[0].task} if window else set()
+                if getter is not None:
+                    waiting.add(getter)
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if getter is not None and getter.done():
+                    item, getter = getter.result(), None
+                    if item is None:
+                        closed = True
+                    else:
+                        previous = window[-1].turn.committed if window else None
+                        window.append(self._start_write(*item, previous))
+                while window and window[0].task.done():
+                    head = window.popleft()
+                    if head.task.exception() is None:
+                        await self._finish(lane, head.batch, head.decoded, head.task.result())
+                        continue
+                    await self._rewrite_in_order(lane, head, list(window))
+                    window.clear()
+        finally:
+            if getter is not None:
+                getter.cancel()
+            for in_flight in window:
+                in_flight.task.cancel()
+
+    def _start_write(
+        self, batch: list[RawMessage], decoded: Decoded, previous: asyncio.Event | None
+    ) -> _InFlight:
+        turn = Turn(previous, asyncio.Event())
+        return _InFlight(batch, decoded, turn, asyncio.create_task(self._write_once(decoded, turn)))
+
+    async def _write_once(self, decoded: Decoded, turn: Turn) -> WriteResult:
+        started = time.perf_counter()
+        async with self.pool.acquire() as conn:
+            result = await write_batch(
+                conn, decoded, self.settings.dedup_window_s, self.rules, turn
+            )
+        self._observe(started, decoded)
+        return result
+
+    async def _rewrite_in_order(
+        self, lane: Lane, failed: _InFlight, after: list[_InFlight]
+    ) -> None:
+        for in_flight in after:  # waiting for `failed`'s turn, or about to: roll them back
+            in_flight.task.cancel()
+        await asyncio.gather(*(f.task for f in after), return_exceptions=True)
+        error = failed.task.exception()
+        assert error is not None
+        if isinstance(error, OSError | asyncpg.PostgresError | asyncpg.InterfaceError
+                      | TimeoutError):  # fmt: skip
+            metrics.DB_ERRORS.inc()
+            log.warning("batch write failed (%s); writing it and %d more again", error, len(after))
+        elif not isinstance(error, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError
+                            | _UNWRITABLE):  # fmt: skip
+            raise error  # a bug of ours, not a fault of the data or the database
+        for in_flight in (failed, *after):
+            result = await self._commit(in_flight.decoded)
+            await self._finish(lane, in_flight.batch, in_flight.decoded, result)
 
     async def maintain(self, stop: asyncio.Event) -> None:
         """Periodic work off the hot path: last-seen flush, registry refresh, dedup pruning."""
@@ -259,8 +341,10 @@ class IngestService:
             self.decode(batch[start : start + DECODE_SLICE], skip_events=skip_events, into=decoded)
         return decoded
 
-    async def _commit_and_ack(self, lane: Lane, batch: list[RawMessage], decoded: Decoded) -> None:
-        result = await self._commit(decoded)  # the rules lock is taken inside (writer.py)
+    async def _finish(
+        self, lane: Lane, batch: list[RawMessage], decoded: Decoded, result: WriteResult
+    ) -> None:
+        """After the commit: acknowledge, note last-seen, tell who waits for new readings."""
         lane.source.ack(batch)
         self.committed_batches += 1
         self._record(result, decoded)
@@ -293,14 +377,19 @@ class IngestService:
         return decoded
 
     async def _commit(self, decoded: Decoded) -> WriteResult:
+        """Write one batch alone, retrying while the database is unavailable."""
         started = time.perf_counter()
         try:
             result = await self._write(decoded)
         except _DataRefused:
             result = await self._commit_one_by_one(decoded)
+        self._observe(started, decoded)
+        return result
+
+    @staticmethod
+    def _observe(started: float, decoded: Decoded) -> None:
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(decoded.readings) + len(decoded.dead_letters))
-        return result
 
     async def _commit_one_by_one(self, decoded: Decoded) -> WriteResult:
         stored: list[Reading] = []
@@ -373,7 +462,7 @@ class IngestService:
         if not self._last_seen:
             return
         pending, self._last_seen = self._last_seen, {}
-        ids = list(pending)
+        ids = sorted(pending)
         try:
             await self.pool.execute(
                 query("flush_last_seen"),

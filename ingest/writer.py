@@ -35,6 +35,19 @@ class RulesHook(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class Turn:
+    """A batch's place in its lane: `committed` is set once it committed (never when it
+    failed: the batches after it are then rolled back and written again, in order)."""
+
+    previous: asyncio.Event | None
+    committed: asyncio.Event
+
+    async def previous_committed(self) -> None:
+        if self.previous is not None:
+            await self.previous.wait()
+
+
+@dataclass(frozen=True, slots=True)
 class WriteResult:
     stored: list[Reading]
     telemetry_rows: int
@@ -114,12 +127,15 @@ async def write_batch(
     decoded: Decoded,
     dedup_window_s: float,
     rules: RulesHook | None = None,
+    turn: Turn | None = None,
 ) -> WriteResult:
     # The rules lock (one writer of engine state at a time) is taken only for the rules
     # and the commit, not for the claim and the COPYs before them: the event lane's
     # alarms need not wait for a bulk batch's COPY. Both lanes take their row locks
     # (dedup claims) before the rules lock, and the rules touch no such rows, so a batch
     # waiting for the lock never holds anything its holder needs.
+    # `turn`: batches of one lane in flight together (ingest/consumer.py) run their rules
+    # and commit in the lane's order; the claim and COPYs before need no order.
     async with contextlib.AsyncExitStack() as holding:
         async with conn.transaction():
             fresh, duplicates = await claim_new(conn, decoded.readings, dedup_window_s)
@@ -142,6 +158,8 @@ async def write_batch(
                     "dead_letters", records=dead, columns=DEAD_LETTER_COLUMNS
                 )
             evaluation = None
+            if turn is not None:
+                await turn.previous_committed()
             if rules is not None and fresh:
                 await holding.enter_async_context(rules.lock)
                 evaluation = await rules.in_transaction(conn, fresh)
@@ -149,4 +167,6 @@ async def write_batch(
         # `holding` releases the lock.
         if rules is not None and evaluation is not None:
             rules.committed(evaluation)
+    if turn is not None:
+        turn.committed.set()
     return WriteResult(fresh, len(telemetry), len(events), len(dead), duplicates, evaluation)

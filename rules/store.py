@@ -8,13 +8,14 @@ so a storm of alarms costs ingest one insert per batch, not a dispatch per alarm
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import orjson
 
-from alerting.alarm_json import Change, announce_alarm
+from alerting.alarm_json import Change, announce_alarms
 from gridwarden.db import query
 from rules.engine import AlarmOp, Evaluation, due_at
 
@@ -42,34 +43,87 @@ async def apply_op(
     *,
     raised: Raised | None = None,
 ) -> int | None:
-    """One alarm operation; returns the alarm id changed, if any. An alarm raised is
-    queued for its case: appended to `raised` (the caller then runs `queue_cases` once
-    for all of them), or queued right away without it."""
-    details = orjson.dumps(op.details).decode()
-    if op.action == "raise":
-        row = await conn.fetchrow(
-            query("raise_alarm"),
-            op.source, op.device_id, op.kind, op.rule, op.severity, op.cell_id, op.building,
-            op.at, op.count, details,
-        )  # fmt: skip
-        assert row is not None
+    """One alarm operation (see `apply_ops`); returns the alarm id changed, if any."""
+    return (await apply_ops(conn, [op], topic_prefix, on_raised, raised=raised))[0]
+
+
+async def apply_ops(
+    conn: asyncpg.Connection,
+    ops: Sequence[AlarmOp],
+    topic_prefix: str,
+    on_raised: OnRaised | None = None,
+    *,
+    raised: Raised | None = None,
+) -> list[int | None]:
+    """Alarm operations in their order; returns the alarm id each changed (None: a clear
+    with nothing open). An alarm raised is queued for its case: appended to `raised` (the
+    caller then runs `queue_cases` once for all of them), or queued right away without it.
+
+    A few statements for the whole batch, not a round trip per op (a batch of readings
+    brings dozens of ops, and the rules lock is held meanwhile): round r takes each
+    (source, rule)'s r-th op, so one statement never touches an alarm twice and each
+    alarm sees its ops in order; ops on different alarms are independent."""
+    rounds: list[list[int]] = []
+    seen: dict[tuple[str, str], int] = {}
+    for n, op in enumerate(ops):
+        r = seen.get((op.source, op.rule), 0)
+        seen[(op.source, op.rule)] = r + 1
+        if r == len(rounds):
+            rounds.append([])
+        rounds[r].append(n)
+    rows: dict[int, asyncpg.Record] = {}
+    for members in rounds:
+        raises = [n for n in members if ops[n].action == "raise"]
+        clears = [n for n in members if ops[n].action == "clear"]
+        if raises:
+            for row in await conn.fetch(query("raise_alarms"), *_raise_arrays(ops, raises)):
+                rows[row["n"]] = row
+        if clears:
+            for row in await conn.fetch(query("clear_alarms"), *_clear_arrays(ops, clears)):
+                rows[row["n"]] = row
+    changes: list[tuple[asyncpg.Record, Change]] = []
+    newly: list[tuple[asyncpg.Record, AlarmOp]] = []
+    for n, op in enumerate(ops):
+        row = rows.get(n)
+        if row is None:
+            continue
+        if op.action == "clear":
+            changes.append((row, "closed" if row["state"] == "closed" else "cleared"))
+            continue
         change = _change(row)
-        await announce_alarm(conn, row, change, topic_prefix)
+        changes.append((row, change))
         if change == "raised":
-            if raised is None:
-                await queue_cases(conn, [(int(row["id"]), op)])
-            else:
-                raised.append((int(row["id"]), op))
-            if on_raised is not None:
-                await on_raised(conn, row, op)
-        return int(row["id"])
-    row = await conn.fetchrow(query("clear_alarm"), op.source, op.rule, op.at, details)
-    if row is None:
-        return None  # nothing open (closed by an operator meanwhile): nothing to clear
-    await announce_alarm(
-        conn, row, "closed" if row["state"] == "closed" else "cleared", topic_prefix
-    )
-    return int(row["id"])
+            newly.append((row, op))
+    await announce_alarms(conn, changes, topic_prefix)
+    queued = [(int(row["id"]), op) for row, op in newly]
+    if raised is None:
+        await queue_cases(conn, queued)
+    else:
+        raised.extend(queued)
+    if on_raised is not None:
+        for row, op in newly:
+            await on_raised(conn, row, op)
+    return [int(rows[n]["id"]) if n in rows else None for n in range(len(ops))]
+
+
+def _raise_arrays(ops: Sequence[AlarmOp], members: list[int]) -> list[list[Any]]:
+    chosen = [ops[n] for n in members]
+    return [
+        [op.source for op in chosen], [op.device_id for op in chosen],
+        [op.kind for op in chosen], [op.rule for op in chosen],
+        [op.severity for op in chosen], [op.cell_id for op in chosen],
+        [op.building for op in chosen], [op.at for op in chosen],
+        [op.count for op in chosen], [orjson.dumps(op.details).decode() for op in chosen],
+        members,
+    ]  # fmt: skip
+
+
+def _clear_arrays(ops: Sequence[AlarmOp], members: list[int]) -> list[list[Any]]:
+    chosen = [ops[n] for n in members]
+    return [
+        [op.source for op in chosen], [op.rule for op in chosen], [op.at for op in chosen],
+        [orjson.dumps(op.details).decode() for op in chosen], members,
+    ]  # fmt: skip
 
 
 async def apply_evaluation(
@@ -93,14 +147,10 @@ async def apply_evaluation(
         await conn.execute(
             query("delete_rule_states"), [key[0] for key in drop], [key[1] for key in drop]
         )
-    changed = []
     raised: Raised = []
-    for op in evaluation.ops:
-        alarm_id = await apply_op(conn, op, topic_prefix, on_raised, raised=raised)
-        if alarm_id is not None:
-            changed.append(alarm_id)
+    changed = await apply_ops(conn, evaluation.ops, topic_prefix, on_raised, raised=raised)
     await queue_cases(conn, raised)
-    return changed
+    return [alarm_id for alarm_id in changed if alarm_id is not None]
 
 
 async def queue_cases(conn: asyncpg.Connection, raised: Raised) -> None:

@@ -15,7 +15,7 @@ from gridwarden.db import create_pool
 from ingest.consumer import IngestService
 from rules.engine import AlarmOp
 from rules.runtime import RulesService
-from rules.store import apply_op
+from rules.store import apply_op, apply_ops, queue_cases
 from tests.ingest_helpers import WAIT_S, fetch, publish, publisher, settings_for, wait_for
 
 SQUARE = (
@@ -231,3 +231,50 @@ async def test_an_acknowledged_alarm_that_clears_is_closed(database_url):
     assert row["state"] == "closed"
     assert row["closed_at"] == row["cleared_at"] == clear_op.at
     assert [c["c"] for c in changes] == ["raised", "closed"]
+
+
+async def test_a_batch_of_alarm_ops_applies_in_order_even_on_one_alarm(database_url):
+    """apply_ops writes a batch in a few statements (rounds of distinct alarms); each
+    alarm still sees its ops in order, and the outbox carries the changes in op order."""
+    await register(database_url, [("bin-a", "smart_bin", 900, None),
+                                  ("bin-b", "smart_bin", 900, None)])  # fmt: skip
+    at = datetime.now(UTC)
+
+    def op(action: str, device: str, severity: str, minutes: int) -> AlarmOp:
+        return AlarmOp(action, device, "bin.full", device, "smart_bin", severity, "g1",  # type: ignore[arg-type]
+                       None, at + timedelta(minutes=minutes))  # fmt: skip
+
+    ops = [
+        op("raise", "bin-a", "minor", 0), op("raise", "bin-b", "minor", 0),
+        op("clear", "bin-a", "minor", 1),  # nothing else opens bin-a's alarm again
+        op("raise", "bin-b", "major", 2),  # a repeat, more severe
+        op("clear", "bin-b", "minor", 3), op("raise", "bin-b", "minor", 4),  # flaps
+        op("clear", "bin-c", "minor", 5),  # nothing open: no alarm changed
+    ]  # fmt: skip
+    raised: list[tuple[int, AlarmOp]] = []
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            changed = await apply_ops(conn, ops, "gw", raised=raised)
+            await queue_cases(conn, raised)
+        rows = await conn.fetch(
+            "SELECT id, source, state, severity, count, flaps FROM alarms ORDER BY source"
+        )
+        outbox = await conn.fetch(
+            "SELECT payload->>'device_id' AS d, payload->>'change' AS c FROM outbox ORDER BY id"
+        )
+        queued = await conn.fetchval("SELECT count(*) FROM case_intake")
+    finally:
+        await conn.close()
+    a, b = ({k: v for k, v in r.items() if k != "id"} for r in rows)
+    assert [r["id"] for r in rows] == changed[:2]
+    assert a == {"source": "bin-a", "state": "cleared", "severity": "minor", "count": 1, "flaps": 0}
+    assert b == {"source": "bin-b", "state": "active", "severity": "major", "count": 3, "flaps": 1}
+    assert [(r["d"], r["c"]) for r in outbox] == [
+        ("bin-a", "raised"), ("bin-b", "raised"), ("bin-a", "cleared"),
+        ("bin-b", "severity"), ("bin-b", "cleared"), ("bin-b", "raised"),
+    ]  # fmt: skip
+    id_a, id_b = changed[0], changed[1]
+    assert changed == [id_a, id_b, id_a, id_b, id_b, id_b, None]
+    assert [o.source for _, o in raised] == ["bin-a", "bin-b", "bin-b"]  # each raise once
+    assert queued == 3

@@ -76,7 +76,7 @@ CREATE TABLE telemetry_dedup (
     received_at  timestamptz NOT NULL,
     PRIMARY KEY (device_id, seq)
 );
-CREATE INDEX telemetry_dedup_received_idx ON telemetry_dedup (received_at);
+CREATE INDEX telemetry_dedup_received_brin ON telemetry_dedup USING brin (received_at);
 
 CREATE TABLE dead_letters (
     id           bigserial PRIMARY KEY,

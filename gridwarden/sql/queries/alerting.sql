@@ -1,15 +1,18 @@
 -- Alarms API, alarm feed and outbox publisher (alerting/).
 
--- name: announce_alarm
--- $1 alarm id; $2 outbox topic and $3 payload, both NULL for a change that is not published
--- (a count repeat). Notifications are sent on commit.
-WITH queued AS (
+-- name: announce_alarms
+-- Alarm changes in order: $1 alarm ids; $2 outbox topics and $3 payloads, both NULL for
+-- a change that is not published (a count repeat). Notifications are sent on commit.
+WITH v AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY
+        AS v (id, topic, payload, n)
+), queued AS (
     INSERT INTO outbox (topic, payload)
-    SELECT $2::text, $3::jsonb WHERE $3::jsonb IS NOT NULL
+    SELECT topic, payload::jsonb FROM v WHERE payload IS NOT NULL ORDER BY n
     RETURNING id
 )
-SELECT pg_notify('gw_alarm', $1::bigint::text),
-       (SELECT pg_notify('gw_outbox', '') FROM queued);
+SELECT (SELECT count(pg_notify('gw_alarm', id::text)) FROM (SELECT id FROM v ORDER BY n) o),
+       (SELECT count(pg_notify('gw_outbox', '')) FROM (SELECT 1 FROM queued LIMIT 1) q);
 
 -- name: list_alarms
 -- $1 states, $2 severities (NULL: any), $3 a cell and everything below it, $4 device,
