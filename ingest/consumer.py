@@ -72,6 +72,10 @@ UNKNOWN = "unknown_device"
 # only 254 (the `extra` column, a dead letter of an array element), and repr() of the
 # deepest recurses past Python's limit. Such a message is a dead letter, not a crash.
 _UNWRITABLE = (orjson.JSONEncodeError, RecursionError)
+# A batch's write failed: the database refused its data (retried message by message, the
+# culprit dead-lettered), or was unavailable (retried with backoff). Anything else is a bug.
+_REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, *_UNWRITABLE)
+_UNAVAILABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 T = TypeVar("T")
 AfterCommit = Callable[[list[Reading]], Awaitable[None]]
@@ -283,12 +287,12 @@ class IngestService:
         await asyncio.gather(*(f.task for f in after), return_exceptions=True)
         error = failed.task.exception()
         assert error is not None
-        if isinstance(error, OSError | asyncpg.PostgresError | asyncpg.InterfaceError
-                      | TimeoutError):  # fmt: skip
+        if isinstance(error, _REFUSED):
+            pass  # written again one message at a time by `_commit`, the culprit dead-lettered
+        elif isinstance(error, _UNAVAILABLE):
             metrics.DB_ERRORS.inc()
             log.warning("batch write failed (%s); writing it and %d more again", error, len(after))
-        elif not isinstance(error, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError
-                            | _UNWRITABLE):  # fmt: skip
+        else:
             raise error  # a bug of ours, not a fault of the data or the database
         for in_flight in (failed, *after):
             result = await self._commit(in_flight.decoded)
@@ -430,10 +434,9 @@ class IngestService:
             try:
                 async with self.pool.acquire() as conn:
                     return await work(conn)
-            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
-                    *_UNWRITABLE) as exc:  # fmt: skip
+            except _REFUSED as exc:
                 raise _DataRefused(str(exc)) from exc
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except _UNAVAILABLE as exc:
                 metrics.DB_ERRORS.inc()
                 log.warning("database unavailable (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
