@@ -76,6 +76,10 @@ class Evaluation:
     states: dict[Key, State | None] = field(default_factory=dict)  # None: idle, forget it
     ops: list[AlarmOp] = field(default_factory=list)
     heard: dict[str, float] = field(default_factory=dict)  # device → last message time
+    # Keys of `states` whose change is only in rate-of-rise samples: kept in memory but not
+    # written (a smoke detector's every reading would cost a row), for the telemetry table
+    # holds them already: `Engine.restore_samples` rebuilds them on start.
+    unsaved: set[Key] = field(default_factory=set)
 
     def add(self, op: AlarmOp) -> None:
         """Consecutive raises of one key fold into one op with a count."""
@@ -199,6 +203,10 @@ def _compile_field(condition: FieldCondition) -> Matcher:
     return threshold_matches
 
 
+def _without(state: State | None, name: str) -> State:
+    return {k: v for k, v in (state or {}).items() if k != name}
+
+
 def _idle(state: State) -> State | None:
     return state if any(v not in (None, False, [], {}) for v in state.values()) else None
 
@@ -238,6 +246,20 @@ class Engine:
                 heapq.heappush(self._timer_heap, (due, (source, rule)))
         for device_id, at in heard.items():
             self.expect(device_id, at)
+
+    def restore_samples(self, readings: Iterable[Reading]) -> int:
+        """Rebuild rate-of-rise samples from recent telemetry, oldest reading first: they
+        are not written with every reading (`Evaluation.unsaved`), and the table holds
+        every reading they were made of. Call after `load`. Replays the readings through
+        the rate-of-rise rules only, as `evaluate` did, but raises nothing (what they
+        raised is in the database). Returns how many (source, rule) states it rebuilt."""
+        for state in self.states.values():
+            state.pop("samples", None)  # all of them are in `readings`
+        evaluation = Evaluation()
+        self._evaluate_into(evaluation, readings, replay_rates=True)
+        evaluation.ops.clear()
+        self.commit(evaluation)
+        return len(evaluation.states)
 
     def expect(self, device_id: str, heard_at: float) -> None:
         """Start watching a device for silence, as if last heard at `heard_at`."""
@@ -296,37 +318,59 @@ class Engine:
             return evaluation.states[key]
         return self.states.get(key)
 
-    def _put(self, evaluation: Evaluation, key: Key, state: State) -> None:
-        """Record the new state only if it changed: an unchanged state costs no write."""
+    def _put(
+        self, evaluation: Evaluation, key: Key, state: State, *, rebuildable: str | None = None
+    ) -> None:
+        """Record the new state only if it changed: an unchanged state costs no write, nor
+        does one that changed only in `rebuildable` (see `Evaluation.unsaved`)."""
         new = _idle(state)
-        if key not in evaluation.states and new == self.states.get(key):
+        first = key not in evaluation.states
+        before = self.states.get(key) if first else evaluation.states[key]
+        if first and new == before:
             return
         evaluation.states[key] = new
+        if (
+            rebuildable is not None
+            and (first or key in evaluation.unsaved)
+            and _without(new, rebuildable) == _without(before, rebuildable)
+        ):
+            evaluation.unsaved.add(key)
+        else:
+            evaluation.unsaved.discard(key)
 
     # -- messages --------------------------------------------------------------------
     def evaluate(self, readings: Iterable[Reading]) -> Evaluation:
         evaluation = Evaluation()
+        self._evaluate_into(evaluation, readings)
+        self._correlate(evaluation)
+        return evaluation
+
+    def _evaluate_into(
+        self, evaluation: Evaluation, readings: Iterable[Reading], *, replay_rates: bool = False
+    ) -> None:
+        """`replay_rates`: only the rate-of-rise rules, and no last-heard times."""
         for reading in readings:
             device = self.lookup_device(reading.device_id)
             if device is None:
                 continue
             at = min(reading.time, reading.received_at)
-            heard = _ts(reading.received_at)
-            evaluation.heard[device.id] = max(heard, evaluation.heard.get(device.id, heard))
+            if not replay_rates:
+                heard = _ts(reading.received_at)
+                evaluation.heard[device.id] = max(heard, evaluation.heard.get(device.id, heard))
             if self.muted(device, at):
                 continue
             plan = self._plan(device)
-            if plan.absence is not None:
+            if plan.absence is not None and not replay_rates:
                 self._heard_again(evaluation, plan.absence, device, reading.received_at)
             for rule, momentary, fields in plan.evaluated:
+                if replay_rates and not isinstance(rule.when, RateOfRise):
+                    continue
                 if rule.unless and any(matches(c, reading) is True for c in rule.unless):
                     continue  # suppressed, e.g. a self-test
                 if momentary:
                     self._momentary(evaluation, rule, fields, device, reading, at)
                 else:
                     self._stateful(evaluation, rule, fields, device, reading, at)
-        self._correlate(evaluation)
-        return evaluation
 
     def _op(
         self,
@@ -413,7 +457,8 @@ class Engine:
                                     details))  # fmt: skip
             if rule.clear_after_s:
                 state["clear_due"] = t + rule.clear_after_s
-        self._put(evaluation, key, state)
+        self._put(evaluation, key, state,
+                  rebuildable="samples" if isinstance(when, RateOfRise) else None)  # fmt: skip
 
     def _stateful(
         self,

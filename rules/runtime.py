@@ -120,6 +120,22 @@ class RulesService:
             }
         self.engine.load(states, heard)
         log.info("rules: %d rules, %d states restored", len(self.ruleset.rules), len(states))
+        await self._restore_samples()
+
+    async def _restore_samples(self) -> None:
+        window_s, kinds = self.ruleset.rate_of_rise_scope()
+        if not window_s:
+            return
+        rows = await self.pool.fetch(query("recent_readings"), window_s, kinds)
+        readings = [
+            Reading("telemetry", row["device_id"], row["time"], row["received_at"], row["seq"],
+                    {k: v for k, v in orjson.loads(row["row_json"]).items() if v is not None})
+            for row in rows
+            if self.owns(row["device_id"])
+        ]  # fmt: skip
+        rebuilt = self.engine.restore_samples(readings)
+        log.info("rules: rate-of-rise samples of %d states rebuilt from %d readings",
+                 rebuilt, len(readings))  # fmt: skip
 
     # -- the ingest hook (called inside the batch transaction) ------------------------
     async def in_transaction(self, conn: asyncpg.Connection, readings: list[Reading]) -> Evaluation:

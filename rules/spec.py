@@ -242,6 +242,19 @@ class RuleSet:
                 self.correlations.setdefault(rule.when.correlate, []).append(rule)
         self._resolved: dict[tuple[str, str, tuple[str, ...]], Rule] = {}
 
+    def rate_of_rise_scope(self) -> tuple[float, list[str]]:
+        """How far back any rate-of-rise rule looks, and the device kinds that have one,
+        overrides included ((0, []): none does)."""
+        rates = [r for r in self.rules.values() if isinstance(r.when, RateOfRise)]
+        windows = [r.when.within_s for r in rates if isinstance(r.when, RateOfRise)]
+        kinds = {r.kind for r in rates}
+        for override in self.overrides:
+            when = override.set.get("when")
+            if isinstance(when, dict) and "rate_of_rise" in when and override.rule in self.rules:
+                windows.append(float(when.get("within_s", 0)))
+                kinds.add(self.rules[override.rule].kind)
+        return max(windows, default=0.0), sorted(kinds)
+
     def for_device(self, kind: str, device_id: str, cells: tuple[str, ...]) -> list[Rule]:
         """The device's effective rules; `cells` is its cell and every cell above it."""
         out = []

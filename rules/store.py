@@ -133,8 +133,10 @@ async def apply_evaluation(
     on_raised: OnRaised | None = None,
 ) -> list[int]:
     """Persist state and apply alarm ops; call inside a transaction."""
-    save = [(key, state) for key, state in evaluation.states.items() if state is not None]
-    drop = [key for key, state in evaluation.states.items() if state is None]
+    unsaved = evaluation.unsaved
+    save = [(key, state) for key, state in evaluation.states.items()
+            if state is not None and key not in unsaved]  # fmt: skip
+    drop = [key for key, state in evaluation.states.items() if state is None and key not in unsaved]
     if save:
         await conn.execute(
             query("save_rule_states"),

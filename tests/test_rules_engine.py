@@ -12,7 +12,8 @@ The engine has no clock of its own: a scenario gives every reading its time and 
 
 and the expected alarm operations are `(t, "raise" | "clear", source, rule, severity, count)`.
 After each step the harness commits the evaluation as the service does (and keeps the
-states and last-heard times a database would hold, JSON round-tripped, for "restart").
+states, last-heard times and telemetry a database would hold, JSON round-tripped, for
+"restart").
 
 Every case carries a comment saying why it fires or not.
 """
@@ -89,20 +90,25 @@ class Harness:
             self.options["muted"] = muted
         self.db_states: dict[tuple[str, str], dict[str, Any]] = {}
         self.db_heard: dict[str, float] = {}
+        self.db_telemetry: list[Reading] = []
         self.evaluations: list[Evaluation] = []
         self.engine = self._new_engine()
 
     def _new_engine(self) -> Engine:
         return Engine(self.ruleset, self.devices.get, **self.options)
 
-    def restart(self) -> None:
-        """A new process: a fresh engine loaded from the database, the old one gone."""
+    def restart(self, t: float) -> None:
+        """A new process at `t`: a fresh engine loaded from the database (rule states,
+        last-heard times, and the telemetry of the rate-of-rise window), the old one gone."""
         self.engine = self._new_engine()
         states = [
             (source, rule_id, json.loads(json.dumps(state)))
             for (source, rule_id), state in self.db_states.items()
         ]
         self.engine.load(states, dict(self.db_heard))
+        window_s, _ = self.ruleset.rate_of_rise_scope()
+        since = at(t) - timedelta(seconds=window_s)
+        self.engine.restore_samples([r for r in self.db_telemetry if r.received_at > since])
 
     def step(self, step: Step) -> list[Op]:
         t, action, *args = step
@@ -112,14 +118,21 @@ class Harness:
             self.engine.expect(args[0], at(t).timestamp())
             return []
         elif action == "restart":
-            self.restart()
+            self.restart(t)
             return []
         elif action == "batch":
-            evaluation = self.engine.evaluate([reading(t, *item) for item in args[0]])
+            readings = [reading(t, *item) for item in args[0]]
+            evaluation = self.engine.evaluate(readings)
         else:
-            evaluation = self.engine.evaluate([reading(t, action, *args)])
-        # The service writes states, ops and readings in one transaction, then commits.
+            readings = [reading(t, action, *args)]
+            evaluation = self.engine.evaluate(readings)
+        # The service writes states (but the unsaved), ops and readings in one transaction,
+        # then commits.
+        if action != "tick":
+            self.db_telemetry += [r for r in readings if r.channel == "telemetry"]
         for key, state in evaluation.states.items():
+            if key in evaluation.unsaved:
+                continue
             if state is None:
                 self.db_states.pop(key, None)
             else:
@@ -607,6 +620,55 @@ RATE = [
 @pytest.mark.parametrize(("steps", "expected"), RATE)
 def test_rate_of_rise(steps: list[Step], expected: list[Op]) -> None:
     assert run(load_rules(), steps) == expected
+
+
+RATE_ACROSS_RESTARTS = [
+    # the 20 °C sample was never written, yet survives the restart: rebuilt from telemetry
+    pytest.param(
+        [*temps((0, 20)), (30, "restart"), *temps((40, 28))],
+        [rate_raise(40)],
+        id="rise-spanning-a-restart",
+    ),
+    # a reading older than the window at the restart is not brought back
+    pytest.param([*temps((0, 20)), (70, "restart"), *temps((75, 28))], [], id="old-not-restored"),
+    # a self-test's sample stays out after the restart too
+    pytest.param(
+        [
+            (0, "reading", "sd1", {"temperature": 20, "test": True}),
+            (30, "restart"),
+            *temps((40, 28)),
+        ],
+        [],
+        id="self-test-not-restored",
+    ),
+    # a raise written before the restart still clears after its quiet period
+    pytest.param(
+        [*temps((0, 20), (60, 28)), (100, "restart"), (660, "tick")],
+        [rate_raise(60), rate_clear(660)],
+        id="clear-after-restart",
+    ),
+    # the restart raises nothing again from the readings it replays
+    pytest.param(
+        [*temps((0, 20), (30, 28)), (40, "restart"), *temps((50, 22))],
+        [rate_raise(30)],
+        id="replay-raises-nothing",
+    ),
+]
+
+
+@pytest.mark.parametrize(("steps", "expected"), RATE_ACROSS_RESTARTS)
+def test_rate_of_rise_across_restarts(steps: list[Step], expected: list[Op]) -> None:
+    assert run(load_rules(), steps) == expected
+
+
+def test_rate_of_rise_samples_cost_no_write_until_they_trigger() -> None:
+    harness = Harness(load_rules())
+    harness.run(temps((0, 20), (10, 20.5), (20, 21)))
+    key = ("sd1", "smoke.heat_rate_of_rise")
+    assert key not in harness.db_states  # three readings, samples in memory only
+    assert len(harness.engine.states[key]["samples"]) == 3
+    harness.run(temps((30, 29)))  # triggered: the quiet period's end must survive a restart
+    assert harness.db_states[key]["clear_due"] == at(630).timestamp()
 
 
 # --- count in a window (shipped door.access_denied_burst: 5 in 60 s, clears after 600 s) ---

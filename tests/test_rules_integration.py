@@ -278,3 +278,27 @@ async def test_a_batch_of_alarm_ops_applies_in_order_even_on_one_alarm(database_
     assert changed == [id_a, id_b, id_a, id_b, id_b, id_b, None]
     assert [o.source for _, o in raised] == ["bin-a", "bin-b", "bin-b"]  # each raise once
     assert queued == 3
+
+
+async def test_a_rate_of_rise_spanning_a_restart_fires_though_its_samples_were_never_written(
+    database_url, mqtt_url, topic_prefix
+):
+    # +8 °C within 60 s: 20 °C before the restart, 29 °C after it.
+    await register(database_url, [("smoke-r", "smoke_detector", 60, None)])
+    settings = settings_for(database_url, mqtt_url, topic_prefix)
+    topic = f"{topic_prefix}/dev/smoke-r/telemetry"
+    now = datetime.now(UTC).timestamp()
+    async with running_pipeline(settings), publisher(mqtt_url) as client:
+        await publish(client, topic, {"seq": 1, "ts": now - 20, "temperature": 20.0})
+        await publish(client, topic, {"seq": 2, "ts": now - 10, "temperature": 20.5})
+        await wait_for(lambda: fetch(database_url, "SELECT 1 FROM telemetry"),
+                       lambda rows: len(rows) == 2)  # fmt: skip
+        await asyncio.sleep(0.3)  # both batches committed, the engine's memory with them
+    states = await fetch(database_url, "SELECT * FROM rule_state WHERE source = 'smoke-r'")
+    assert states == []  # the samples lived in memory only
+    async with running_pipeline(settings), publisher(mqtt_url) as client:
+        await publish(client, topic, {"seq": 3, "ts": now, "temperature": 29.0})
+        rows = await wait_for(lambda: alarms(database_url), lambda r: len(r) == 1)
+    assert rows[0]["rule"] == "smoke.heat_rate_of_rise"
+    assert rows[0]["details"] is not None
+    assert '"rise": 9.0' in rows[0]["details"]

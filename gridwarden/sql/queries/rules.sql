@@ -72,6 +72,18 @@ WHERE r.source = d.source AND r.rule = d.rule;
 -- name: load_rule_states
 SELECT source, rule, state FROM rule_state;
 
+-- name: recent_readings
+-- The telemetry of the last $1 seconds, oldest first, for the rate-of-rise samples that
+-- are not written with every reading (rules.engine `Engine.restore_samples`); $2 the
+-- device kinds that have such rules. The row as JSON: whatever fields a rule looks at.
+SELECT t.device_id, t.time, t.received_at, t.seq,
+       to_jsonb(t) - ARRAY['device_id', 'time', 'received_at', 'seq', 'extra'] AS row_json
+FROM telemetry t JOIN devices d ON d.id = t.device_id
+WHERE t.received_at > now() - make_interval(secs => $1::float8)
+  AND t.time > now() - make_interval(secs => $1::float8) - INTERVAL '1 day'
+  AND d.kind = ANY($2::text[])
+ORDER BY LEAST(t.time, t.received_at), t.received_at;
+
 -- name: load_last_heard
 SELECT d.id, s.last_seen FROM devices d LEFT JOIN device_last_seen s ON s.device_id = d.id
 WHERE d.interval_s IS NOT NULL;
