@@ -8,12 +8,12 @@ second in case one was missed (e.g. while its listening connection was down).
 Guarantees:
 
 - **In order, at least once.** Rows are claimed in id order with `FOR UPDATE SKIP LOCKED`
-  (so several publishers never publish one row at the same time), published one after
-  the other, and marked `published_at` only after the broker's PUBACK. A crash after the
-  PUBACK and before the commit publishes those rows again on restart: consumers may see a
-  message twice. Each message carries the MQTT 5 user property `gw-outbox-id` (the row
-  id, increasing) so they can drop repeats. With several publishers running, messages of
-  different batches may interleave.
+  (so several publishers never publish one row at the same time), published in that order
+  (a batch in flight at once), and marked `published_at` only after the broker's PUBACK.
+  A crash after the PUBACK and before the commit publishes those rows again on restart:
+  consumers may see a message twice. Each message carries the MQTT 5 user property
+  `gw-outbox-id` (the row id, increasing) so they can drop repeats. With several
+  publishers running, messages of different batches may interleave.
 - **Failures are retried, with backoff.** Broker unreachable or gone mid-batch: the rows
   not acknowledged get `attempts + 1`, the connection is dropped and the batch is tried
   again after 0.2 s, 0.4 s, ... up to 30 s. A message the broker refuses (an MQTT 5 PUBACK
@@ -47,6 +47,7 @@ import aiomqtt
 import asyncpg
 import httpx
 import orjson
+import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -102,12 +103,12 @@ class _WebhookFailed(Exception):
 
 
 class _OutboxClient(aiomqtt.Client):
-    """aiomqtt with the PUBACK reason code kept and the connection state visible.
+    """aiomqtt with each PUBACK's reason code kept and the connection state visible.
+    Touches aiomqtt 2.x internals (pinned < 3)."""
 
-    The publisher has one message in flight at a time, so the last PUBACK seen is the one
-    of the message just published. Touches aiomqtt 2.x internals (pinned < 3)."""
-
-    rejection: ReasonCode | None = None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rejections: dict[int, ReasonCode] = {}  # packet id → the broker's refusal
 
     def _on_publish(
         self,
@@ -118,8 +119,22 @@ class _OutboxClient(aiomqtt.Client):
         properties: Properties,
     ) -> None:
         if reason_code.is_failure:
-            self.rejection = reason_code
+            self.rejections[mid] = reason_code
         super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    async def publish_acked(
+        self, topic: str, payload: bytes, properties: Properties, timeout_s: float
+    ) -> ReasonCode | None:
+        """aiomqtt's `publish` at QoS 1 (returns once the PUBACK came), returning the
+        broker's refusal of this message, if any: several may be in flight at once."""
+        info = self._client.publish(topic, payload, 1, False, properties)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        if not info.is_published():
+            confirmation = asyncio.Event()
+            with self._pending_call(info.mid, confirmation, self._pending_publishes):
+                await self._wait_for(confirmation.wait(), timeout=timeout_s)
+        return self.rejections.pop(info.mid, None)
 
     def is_connected(self) -> bool:
         connected = self._connected
@@ -242,27 +257,37 @@ class OutboxPublisher:
             done: list[int] = []
             unsent: list[int] = []
             broker_failed = False
-            for index, row in enumerate(rows):
-                try:
-                    await self._publish(row)
-                except _Rejected as exc:
+            try:
+                client = await self._connect()
+                # All of the batch in flight at once, sent in id order: one round trip
+                # per batch, not per message (under load, each costs a turn of a busy loop).
+                outcomes = await asyncio.gather(
+                    *(self._publish(client, row) for row in rows), return_exceptions=True
+                )
+            except _BrokerDown as exc:
+                outcomes = [exc] * len(rows)
+            for row, outcome in zip(rows, outcomes, strict=True):
+                if outcome is None:
+                    done.append(row["id"])
+                elif isinstance(outcome, _Rejected):
                     FAILURES.labels("rejected").inc()
                     wait = min(RETRY_MIN_S * 2 ** row["attempts"], REJECTED_RETRY_MAX_S)
                     log.warning(
                         "outbox row %s (%s) refused by the broker: %s; retrying in %.0fs",
-                        row["id"], row["topic"], exc, wait,
+                        row["id"], row["topic"], outcome, wait,
                     )  # fmt: skip
                     self._held[row["id"]] = time.monotonic() + wait
                     unsent.append(row["id"])
-                except _BrokerDown as exc:
-                    FAILURES.labels("broker").inc()
-                    log.warning("outbox: broker unavailable: %s", exc)
-                    unsent.extend(r["id"] for r in rows[index:])
+                elif isinstance(outcome, _BrokerDown):
+                    if not broker_failed:
+                        FAILURES.labels("broker").inc()
+                        log.warning("outbox: broker unavailable: %s", outcome)
+                    unsent.append(row["id"])
                     broker_failed = True
-                    await self._disconnect()
-                    break
                 else:
-                    done.append(row["id"])
+                    raise outcome  # a bug of ours
+            if broker_failed:
+                await self._disconnect()
             if done:
                 await conn.execute(query("outbox_mark_published"), done)
             if unsent:
@@ -270,24 +295,22 @@ class OutboxPublisher:
         PUBLISHED.inc(len(done))
         return len(rows), broker_failed
 
-    async def _publish(self, row: Any) -> None:
-        client = await self._connect()
+    async def _publish(self, client: _OutboxClient, row: Any) -> None:
         properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         properties.UserProperty = [(OUTBOX_ID_PROPERTY, str(row["id"]))]
         properties.ContentType = "application/json"
         properties.PayloadFormatIndicator = 1
         payload = orjson.dumps(orjson.loads(row["payload"]))
-        client.rejection = None
         try:
-            await client.publish(
-                row["topic"], payload, qos=1, properties=properties, timeout=self.publish_timeout_s
+            rejection = await client.publish_acked(
+                row["topic"], payload, properties, self.publish_timeout_s
             )
         except ValueError as exc:  # paho: a topic no message may have (wildcards, empty)
             raise _Rejected(f"bad topic: {exc}") from exc
         except aiomqtt.MqttError as exc:
             raise _BrokerDown(str(exc) or repr(exc)) from exc
-        if client.rejection is not None:
-            raise _Rejected(str(client.rejection))
+        if rejection is not None:
+            raise _Rejected(str(rejection))
 
     async def _connect(self) -> _OutboxClient:
         if self._client is not None:
@@ -304,7 +327,9 @@ class OutboxPublisher:
             protocol=aiomqtt.ProtocolVersion.V5,
             timeout=self.publish_timeout_s,
             tls_context=endpoint.ssl_context(),
+            max_inflight_messages=self.batch,  # a whole batch in flight (see `_round`)
         )
+        client.pending_calls_threshold = self.batch  # ... without a warning for it
         try:
             await client.__aenter__()
         except aiomqtt.MqttError as exc:

@@ -65,7 +65,7 @@ RECEIVE_MAXIMUM_BATCHES = 5
 PIPELINE_DEPTH = 2
 EVENT_LANE_MAX_DELAY_S = 0.005  # events are few: commit them nearly one by one
 EVENT_LANE_RECEIVE_MAXIMUM = 1000
-DECODE_SLICE = 250  # messages decoded between two turns of the event loop (~3 ms)
+DECODE_SLICE = 100  # messages decoded between two turns of the event loop (~2-3 ms)
 UNKNOWN = "unknown_device"
 
 # Valid JSON that cannot be written back: orjson reads 1,024 levels of nesting but writes

@@ -341,9 +341,18 @@ class Engine:
     # -- messages --------------------------------------------------------------------
     def evaluate(self, readings: Iterable[Reading]) -> Evaluation:
         evaluation = Evaluation()
-        self._evaluate_into(evaluation, readings)
-        self._correlate(evaluation)
+        self.evaluate_part(evaluation, readings)
+        self.finish(evaluation)
         return evaluation
+
+    def evaluate_part(self, evaluation: Evaluation, readings: Iterable[Reading]) -> None:
+        """`evaluate` in parts (the caller may yield in between): every part of a batch
+        into one `evaluation`, in order, then `finish` it once."""
+        self._evaluate_into(evaluation, readings)
+
+    def finish(self, evaluation: Evaluation) -> None:
+        """Incidents across devices, from everything the batch raised."""
+        self._correlate(evaluation)
 
     def _evaluate_into(
         self, evaluation: Evaluation, readings: Iterable[Reading], *, replay_rates: bool = False

@@ -16,11 +16,18 @@ FilterFactory = Callable[[], Callable[[bytes], bytes]]
 class TcpProxy:
     """127.0.0.1:port → 127.0.0.1:target_port, which the test can cut and restore.
 
-    `upstream_filter` (optional) rewrites what clients send, e.g. to swallow MQTT PUBACKs."""
+    `upstream_filter` (optional) rewrites what clients send, e.g. to swallow MQTT PUBACKs;
+    `downstream_delay_s` holds back what the dependency sends (a slow link, or a busy peer)."""
 
-    def __init__(self, target_port: int, upstream_filter: FilterFactory | None = None) -> None:
+    def __init__(
+        self,
+        target_port: int,
+        upstream_filter: FilterFactory | None = None,
+        downstream_delay_s: float = 0.0,
+    ) -> None:
         self.target_port = target_port
         self.upstream_filter = upstream_filter
+        self.downstream_delay_s = downstream_delay_s
         self.port = free_port()
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
@@ -74,8 +81,10 @@ class TcpProxy:
             return
         self._writers |= {writer, up_writer}
         upstream = self.upstream_filter() if self.upstream_filter else None
-        for source, sink, rewrite in ((reader, up_writer, upstream), (up_reader, writer, None)):
-            task = asyncio.create_task(self._pipe(source, sink, rewrite))
+        pipes = ((reader, up_writer, upstream, 0.0),
+                 (up_reader, writer, None, self.downstream_delay_s))  # fmt: skip
+        for source, sink, rewrite, delay_s in pipes:
+            task = asyncio.create_task(self._pipe(source, sink, rewrite, delay_s))
             self._pipes.add(task)
             task.add_done_callback(self._pipes.discard)
 
@@ -84,12 +93,15 @@ class TcpProxy:
         source: asyncio.StreamReader,
         sink: asyncio.StreamWriter,
         rewrite: Callable[[bytes], bytes] | None = None,
+        delay_s: float = 0.0,
     ) -> None:
         me = asyncio.current_task()
         try:
             while data := await source.read(65536):
                 if me in self._blackholed:
                     continue
+                if delay_s:
+                    await asyncio.sleep(delay_s)
                 sink.write(rewrite(data) if rewrite else data)
                 await sink.drain()
         except (OSError, asyncio.IncompleteReadError):

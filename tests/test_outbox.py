@@ -135,6 +135,27 @@ async def test_publishes_in_order_on_notification_and_marks_rows(
     assert metric("gridwarden_outbox_lag_seconds") == 0
 
 
+async def test_a_batch_is_in_flight_at_once_not_one_message_per_round_trip(
+    pool: asyncpg.Pool, mqtt_url: str, topic_prefix: str
+) -> None:
+    # Every PUBACK takes 0.1 s to come back: one message at a time, 40 would take 4 s.
+    slow = TcpProxy(parse_mqtt_url(mqtt_url).port, downstream_delay_s=0.1)
+    await slow.start()
+    try:
+        publisher = OutboxPublisher(pool, slow.url, poll_s=60)
+        messages = [(f"{topic_prefix}/alarms/g1", {"n": n}) for n in range(40)]
+        async with collecting(mqtt_url, f"{topic_prefix}/#") as received, running(publisher):
+            started = asyncio.get_running_loop().time()
+            ids = await enqueue(pool, messages)
+            await wait_for(lambda: rows(pool), lambda rs: all(r["published_at"] for r in rs))
+            elapsed = asyncio.get_running_loop().time() - started
+            await wait_received(received, 40)
+    finally:
+        await slow.stop()
+    assert [outbox_id(m) for m in received] == ids  # still in order
+    assert elapsed < 2.0, f"40 messages took {elapsed:.1f} s (connecting included): one by one?"
+
+
 async def test_polls_when_a_notification_is_missed(
     pool: asyncpg.Pool, mqtt_url: str, topic_prefix: str
 ) -> None:
