@@ -4,8 +4,9 @@ The rules store queues every raised alarm (new, or raised again after clearing) 
 `case_intake`, in the alarm's own transaction, and runs `pg_notify('gw_case_intake', '')`
 (delivered on commit). This task wakes on that notification (LISTEN on a pooled
 connection) and polls every second in case one was missed (e.g. while its listening
-connection was down). It claims up to `batch` rows in queue order with `FOR UPDATE SKIP
-LOCKED` (several instances may run: each row is handled by one of them) and, in one
+connection was down). It claims up to `batch` rows, the most severe alarms first and then
+in queue order (in a storm of alarms a fire is dispatched before a full bin), with `FOR
+UPDATE SKIP LOCKED` (several instances may run: each row is handled by one of them) and, in one
 transaction per batch, opens or joins each alarm's case (`open_case_for_alarm`: the
 timeline, the assignment and its SLA deadline, the worker's notification through the
 outbox), links the alarms to their cases and deletes the rows.

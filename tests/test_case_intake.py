@@ -196,6 +196,21 @@ async def test_the_case_takes_the_alarm_as_it_is_when_its_turn_comes(
         )
 
 
+async def test_in_a_storm_the_most_severe_alarm_gets_its_case_first(
+    database_url: str, pool: asyncpg.Pool, topic_prefix: str
+) -> None:
+    """Five major covers queued before a fire: the fire's case is opened first."""
+    covers = [f"cover-{i}" for i in range(5)]
+    await city(database_url, [*[(c, "manhole_cover", 300, None) for c in covers],
+                              ("smoke-9", "smoke_detector", 300, "9号楼")])  # fmt: skip
+    await raise_in_one_transaction(pool, topic_prefix, [cover(c) for c in covers])
+    await raise_in_one_transaction(pool, topic_prefix, [smoke("smoke-9", "9号楼")])
+    assert await CaseIntake(pool, settings(topic_prefix), ManualClock(T0), batch=1).drain() == 6
+    cases = await pool.fetch("SELECT incident_key, priority FROM cases ORDER BY id")
+    assert (cases[0]["incident_key"], cases[0]["priority"]) == ("building:g1/9号楼", "critical")
+    assert [c["incident_key"] for c in cases[1:]] == covers  # then in queue order
+
+
 # -- a kill mid-batch -----------------------------------------------------------------------------
 async def test_a_kill_mid_batch_leaves_the_rows_queued_and_they_are_handled_once(
     database_url: str, pool: asyncpg.Pool, topic_prefix: str, monkeypatch: pytest.MonkeyPatch

@@ -13,15 +13,16 @@ WITH queued AS (
 SELECT pg_notify('gw_case_intake', '') WHERE EXISTS (SELECT FROM queued);
 
 -- name: case_intake_claim
--- The oldest $1 queued rows (not moved aside), locked until the transaction ends; rows
--- another intake holds are skipped. With each, the alarm as it is now (`id` is the
+-- The first $1 queued rows (not moved aside), most severe alarm first, then oldest: in an
+-- alarm storm a fire is dispatched before a full bin. Locked until the transaction ends;
+-- rows another intake holds are skipped. With each, the alarm as it is now (`id` is the
 -- alarm's, `intake_id` the row's).
 SELECT q.id AS intake_id, q.source, q.building, q.details::text AS details, q.queued_at,
        a.id, a.device_id, a.kind, a.rule, a.severity, a.state, a.cell_id, a.case_id
 FROM case_intake q
 JOIN alarms a ON a.id = q.alarm_id
 WHERE q.failed_at IS NULL
-ORDER BY q.id
+ORDER BY array_position(ARRAY['critical', 'major', 'minor', 'warning'], a.severity), q.id
 LIMIT $1
 FOR UPDATE OF q SKIP LOCKED;
 
