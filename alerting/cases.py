@@ -262,7 +262,6 @@ async def dispatch(
         query("case_assign"), case["id"], worker["id"], level, now, due, step
     )
     assert updated is not None
-    await conn.execute(query("worker_touch_assigned"), worker["id"], now)
     await add_event(conn, case["id"], now, actor, reason, case["state"], "dispatched",
                     {"assignee": worker["id"], "level": level})  # fmt: skip
     await notify_worker(conn, updated, worker["id"], reason, topic_prefix, webhook_url)
@@ -349,13 +348,13 @@ async def notify_worker(
         },
         "created_at": iso(created),
     }
-    await conn.execute(
-        query("outbox_add"), worker_topic(topic_prefix, worker_id), orjson.dumps(payload).decode()
-    )
+    body = None
     if webhook_url is not None:
-        body = {"worker_id": worker_id, **payload}
-        await conn.execute(query("outbox_add_webhook"), webhook_url, orjson.dumps(body).decode())
-    await conn.execute(query("outbox_wake"))
+        body = orjson.dumps({"worker_id": worker_id, **payload}).decode()
+    await conn.execute(
+        query("outbox_add_notification"),
+        worker_topic(topic_prefix, worker_id), orjson.dumps(payload).decode(), webhook_url, body,
+    )  # fmt: skip
 
 
 # -- actions -------------------------------------------------------------------------------------

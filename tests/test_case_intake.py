@@ -209,6 +209,12 @@ async def test_in_a_storm_the_most_severe_alarm_gets_its_case_first(
     cases = await pool.fetch("SELECT incident_key, priority FROM cases ORDER BY id")
     assert (cases[0]["incident_key"], cases[0]["priority"]) == ("building:g1/9号楼", "critical")
     assert [c["incident_key"] for c in cases[1:]] == covers  # then in queue order
+    # Each assignment noted on its worker (the tie-break of the next assignment).
+    touched = await pool.fetch(
+        "SELECT w.last_assigned_at FROM workers w WHERE w.id IN (SELECT assignee FROM cases)"
+    )
+    assert touched
+    assert all(t["last_assigned_at"] == T0 for t in touched)
 
 
 # -- a kill mid-batch -----------------------------------------------------------------------------

@@ -37,13 +37,15 @@ ORDER BY array_position($2::text[], w.role), min(chain.depth), open_cases,
 LIMIT 1;
 
 -- name: case_assign
+-- Assign the case, and note when the worker was last given one (the next assignment goes
+-- to whoever waited longest), in one round trip.
+WITH touched AS (
+    UPDATE workers SET last_assigned_at = $4 WHERE id = $2 RETURNING id
+)
 UPDATE cases SET assignee = $2, level = $3, state = 'dispatched',
        dispatched_at = COALESCE(dispatched_at, $4), due_at = $5, due_step = $6, updated_at = $4
 WHERE id = $1
 RETURNING *;
-
--- name: worker_touch_assigned
-UPDATE workers SET last_assigned_at = $2 WHERE id = $1;
 
 -- name: case_get
 SELECT * FROM cases WHERE id = $1;
@@ -126,12 +128,18 @@ WHERE id = $1;
 -- name: case_postpone
 UPDATE cases SET due_at = $2 WHERE id = $1;
 
--- name: outbox_add
-INSERT INTO outbox (topic, payload) VALUES ($1, $2::jsonb);
-
--- name: outbox_add_webhook
--- $1 the webhook URL, $2 the JSON body.
-INSERT INTO outbox (channel, topic, payload) VALUES ('webhook', $1, $2::jsonb);
+-- name: outbox_add_notification
+-- A worker's notification in one round trip: the MQTT row ($1 topic, $2 payload), the
+-- webhook row when $3 (the URL) is set ($4 the body), and the publisher's wake-up
+-- (delivered on commit).
+WITH mqtt AS (
+    INSERT INTO outbox (topic, payload) VALUES ($1, $2::jsonb) RETURNING id
+), hook AS (
+    INSERT INTO outbox (channel, topic, payload)
+    SELECT 'webhook', $3::text, $4::jsonb WHERE $3::text IS NOT NULL
+    RETURNING id
+)
+SELECT pg_notify('gw_outbox', ''), (SELECT count(*) FROM mqtt) + (SELECT count(*) FROM hook);
 
 -- name: cases_feed_by_ids
 -- Changed cases for the live feed, with the latest timeline action as `change`.
@@ -141,9 +149,6 @@ LEFT JOIN LATERAL (
     SELECT action FROM case_events WHERE case_id = c.id ORDER BY id DESC LIMIT 1
 ) e ON true
 WHERE c.id = ANY($1::bigint[]);
-
--- name: outbox_wake
-SELECT pg_notify('gw_outbox', '');
 
 -- name: worker_covers_cell
 -- Does the worker cover the cell or a cell above it (a supervisor's area)?
