@@ -420,7 +420,7 @@ class IngestService:
             events += part.event_rows
             dead += part.dead_letter_rows
             duplicates += part.duplicates
-        return WriteResult(stored, telemetry, events, dead, duplicates, evaluation=None)
+        return WriteResult(stored, telemetry, events, dead, duplicates)
 
     async def _write(self, decoded: Decoded) -> WriteResult:
         async def work(conn: asyncpg.Connection) -> WriteResult:

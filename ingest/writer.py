@@ -54,7 +54,6 @@ class WriteResult:
     event_rows: int
     dead_letter_rows: int
     duplicates: int
-    evaluation: Any = None
 
 
 def _json(value: object) -> str | None:
@@ -169,4 +168,4 @@ async def write_batch(
             rules.committed(evaluation)
     if turn is not None:
         turn.committed.set()
-    return WriteResult(fresh, len(telemetry), len(events), len(dead), duplicates, evaluation)
+    return WriteResult(fresh, len(telemetry), len(events), len(dead), duplicates)

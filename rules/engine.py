@@ -256,7 +256,7 @@ class Engine:
         for state in self.states.values():
             state.pop("samples", None)  # all of them are in `readings`
         evaluation = Evaluation()
-        self._evaluate_into(evaluation, readings, replay_rates=True)
+        self.evaluate_part(evaluation, readings, replay_rates=True)
         evaluation.ops.clear()
         self.commit(evaluation)
         return len(evaluation.states)
@@ -345,19 +345,16 @@ class Engine:
         self.finish(evaluation)
         return evaluation
 
-    def evaluate_part(self, evaluation: Evaluation, readings: Iterable[Reading]) -> None:
-        """`evaluate` in parts (the caller may yield in between): every part of a batch
-        into one `evaluation`, in order, then `finish` it once."""
-        self._evaluate_into(evaluation, readings)
-
     def finish(self, evaluation: Evaluation) -> None:
         """Incidents across devices, from everything the batch raised."""
         self._correlate(evaluation)
 
-    def _evaluate_into(
+    def evaluate_part(
         self, evaluation: Evaluation, readings: Iterable[Reading], *, replay_rates: bool = False
     ) -> None:
-        """`replay_rates`: only the rate-of-rise rules, and no last-heard times."""
+        """`evaluate` in parts (the caller may yield in between): every part of a batch
+        into one `evaluation`, in order, then `finish` it once. `replay_rates`: only the
+        rate-of-rise rules, and no last-heard times (`restore_samples`)."""
         for reading in readings:
             device = self.lookup_device(reading.device_id)
             if device is None:
