@@ -9,9 +9,9 @@ the report time, with the policy snapshot taken when the case opened; the SLA ti
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
 import asyncpg
@@ -115,57 +115,143 @@ class OpenedCase(NamedTuple):
     inserted: bool  # a new case (reported and dispatched), or False: joined an open one
 
 
-async def open_case_for_alarm(
-    conn: asyncpg.Connection,
-    alarm: asyncpg.Record,
-    *,
-    source: str,
-    building: str | None,
-    details: dict[str, Any],
-    policy: dict[str, int],
-    topic_prefix: str,
-    now: datetime,
-    webhook_url: str | None = None,
-    link: bool = True,
-) -> OpenedCase | None:
-    """Open a case for a raised alarm, or join the incident's open case (None: the alarm
-    has no cell, nobody to send). `link=False` leaves setting `alarms.case_id` to the
-    caller (`link_alarms`, once for a batch: the intake locks alarms only at the end of
-    its transaction, so ingest, upserting the same alarms, never waits long on it)."""
-    cell_id = alarm["cell_id"]
-    if cell_id is None:
-        return None  # a device outside the grid: nobody to send; the alarm stays visible
-    location = await conn.fetchrow(query("case_device_location"), alarm["device_id"])
+class CaseEvent(NamedTuple):
+    """One timeline entry."""
+
+    case_id: int
+    at: datetime
+    actor: Actor
+    action: str
+    from_state: str | None
+    to_state: str | None
+    detail: dict[str, Any] | None = None
+
+
+class Proposal(NamedTuple):
+    """A case as it would be opened (`case_open_or_join`)."""
+
+    incident_key: str
+    origin: str
+    category: str
+    title: str
+    description: str
+    cell_id: str
+    device_id: str | None
+    lat: float | None
+    lon: float | None
+    priority: str
+    policy: dict[str, int]
+
+
+async def open_or_join(
+    conn: asyncpg.Connection, proposals: Sequence[Proposal], now: datetime
+) -> dict[str, asyncpg.Record]:
+    """Open the proposed cases, or join the open case of each incident (distinct keys):
+    incident key → the case, with `inserted`."""
+    if not proposals:
+        return {}
+    columns = list(zip(*proposals, strict=True))
+    policies = [orjson.dumps(p).decode() for p in columns[-1]]
+    rows = await conn.fetch(query("case_open_or_join"), *columns[:-1], policies, now)
+    return {row["incident_key"]: row for row in rows}
+
+
+def _alarm_proposal(alarm: asyncpg.Record, policy: dict[str, int]) -> Proposal:
+    """The case for a claimed alarm (a `case_intake_claim` row: the alarm, what was
+    queued with it, where its device is)."""
+    details = orjson.loads(alarm["details"])
     what = details.get("label") or details.get("description") or alarm["rule"]
-    where = " · ".join(p for p in (location["name"], location["building"]) if p) if location else ""
-    case = await conn.fetchrow(
-        query("case_open_or_join"),
-        incident_key(source, building, alarm["kind"], cell_id),
+    where = " · ".join(p for p in (alarm["device_name"], alarm["device_building"]) if p)
+    cell_id = alarm["cell_id"]
+    return Proposal(
+        incident_key(alarm["source"], alarm["building"], alarm["kind"], cell_id),
         "alarm",
         alarm["rule"],
         f"{what} — {where}" if where else what,
         orjson.dumps({"alarm": alarm["id"], **details}).decode(),
         cell_id,
         alarm["device_id"] or None,
-        location["lat"] if location else None,
-        location["lon"] if location else None,
+        alarm["lat"],
+        alarm["lon"],
         alarm["severity"],
-        orjson.dumps(policy).decode(),
-        now,
+        policy,
     )
-    assert case is not None
-    if link:
-        await link_alarms(conn, {alarm["id"]: case["id"]})
-    if case["inserted"]:
-        await add_event(conn, case["id"], now, SYSTEM, "reported", None, "reported",
-                        {"alarm_id": alarm["id"], "rule": alarm["rule"]})  # fmt: skip
-        await dispatch(conn, case, now=now, topic_prefix=topic_prefix, reason="dispatched",
-                       webhook_url=webhook_url)  # fmt: skip
-    else:
-        joined = {"alarm_id": alarm["id"], "rule": alarm["rule"]}
-        await add_event(conn, case["id"], now, SYSTEM, "alarm_joined", case["state"],
-                        case["state"], joined)  # fmt: skip
-    return OpenedCase(int(case["id"]), bool(case["inserted"]))
+
+
+async def open_cases_for_alarms(
+    conn: asyncpg.Connection,
+    alarms: Sequence[asyncpg.Record],
+    *,
+    policy_of: Callable[[str], dict[str, int]],
+    topic_prefix: str,
+    now: datetime,
+    webhook_url: str | None = None,
+) -> list[OpenedCase | None]:
+    """Open a case for each raised alarm (`case_intake_claim` rows), or join its incident's
+    open case; None for an alarm without a cell (nobody to send; it stays visible). The
+    same result as one alarm after the other, in the given order, in a few statements for
+    the lot: round r opens or joins the r-th alarm of every incident (so one statement
+    never touches a case twice, and a later alarm of an incident joins the case the first
+    one opened and dispatched), the assignees are chosen as `find_assignee` would, each
+    choice counted for the next, and the timeline entries and notifications are written
+    at the end, in the order one alarm after the other would have written them. Setting
+    `alarms.case_id` is left to the caller (`link_alarms`, at the end of its transaction:
+    ingest, upserting the same alarms, never waits long on it)."""
+    results: list[OpenedCase | None] = [None] * len(alarms)
+    by_incident: dict[str, list[tuple[int, Proposal]]] = {}
+    for index, alarm in enumerate(alarms):
+        if alarm["cell_id"] is not None:
+            proposal = _alarm_proposal(alarm, policy_of(alarm["severity"]))
+            by_incident.setdefault(proposal.incident_key, []).append((index, proposal))
+    events: dict[int, list[CaseEvent]] = {}
+    notes: dict[int, tuple[str, dict[str, Any]]] = {}
+    rounds = max((len(queue) for queue in by_incident.values()), default=0)
+    for r in range(rounds):
+        this_round = sorted(queue[r] for queue in by_incident.values() if len(queue) > r)
+        cases = await open_or_join(conn, [proposal for _, proposal in this_round], now)
+        opened = {
+            index: cases[proposal.incident_key]
+            for index, proposal in this_round
+            if cases[proposal.incident_key]["inserted"]
+        }
+        dispatched = await _dispatch_new(conn, opened, now) if opened else {}
+        for index, proposal in this_round:
+            case, alarm = cases[proposal.incident_key], alarms[index]
+            cause = {"alarm_id": alarm["id"], "rule": alarm["rule"]}
+            if case["inserted"]:
+                events[index] = [CaseEvent(case["id"], now, SYSTEM, "reported", None,
+                                           "reported", cause)]  # fmt: skip
+                assigned = dispatched.get(index)
+                if assigned is None:
+                    events[index].append(_nobody_event(case, now, SYSTEM))
+                else:
+                    events[index].append(_dispatched_event(case, assigned, now, SYSTEM,
+                                                           "dispatched"))  # fmt: skip
+                    notes[index] = (assigned["assignee"], notification(assigned, "dispatched"))
+            else:
+                events[index] = [CaseEvent(case["id"], now, SYSTEM, "alarm_joined",
+                                           case["state"], case["state"], cause)]  # fmt: skip
+            results[index] = OpenedCase(int(case["id"]), bool(case["inserted"]))
+    await add_events(conn, [event for index in sorted(events) for event in events[index]])
+    await queue_notifications(conn, [notes[index] for index in sorted(notes)], topic_prefix,
+                              webhook_url)  # fmt: skip
+    return results
+
+
+async def _dispatch_new(
+    conn: asyncpg.Connection, opened: dict[int, asyncpg.Record], now: datetime
+) -> dict[int, asyncpg.Record]:
+    """Assign new cases (index → case, in order), each to whom `find_assignee` would give
+    it after the ones before: index → the assigned case (missing: nobody on duty)."""
+    candidates = await Candidates.fetch(conn, {case["cell_id"] for case in opened.values()})
+    plan: dict[int, Assignment] = {}
+    for index, case in opened.items():
+        found = candidates.best(case["cell_id"], case["level"])
+        if found is not None:
+            candidates.given(found[0], now)
+            plan[index] = _assignment(case, found, now)
+    assigned = await assign(conn, list(plan.values()), now)
+    return {index: assigned[a.case_id] for index, a in plan.items()}
 
 
 async def link_alarms(conn: asyncpg.Connection, links: dict[int, int]) -> int:
@@ -195,12 +281,10 @@ async def open_case_for_report(
     now: datetime,
     webhook_url: str | None = None,
 ) -> asyncpg.Record:
-    case = await conn.fetchrow(
-        query("case_open_or_join"),
-        f"report:{report_id}", "report", category, f"{category}: {description[:80]}",
-        description, cell_id, None, lat, lon, priority, orjson.dumps(policy).decode(), now,
-    )  # fmt: skip
-    assert case is not None
+    key = f"report:{report_id}"
+    proposal = Proposal(key, "report", category, f"{category}: {description[:80]}",
+                        description, cell_id, None, lat, lon, priority, policy)  # fmt: skip
+    case = (await open_or_join(conn, [proposal], now))[key]
     if not case["inserted"]:
         return case  # the same report again: it already has its case
     await add_event(conn, case["id"], now, reporter, "reported", None, "reported",
@@ -210,15 +294,102 @@ async def open_case_for_report(
 
 
 # -- assignment ----------------------------------------------------------------------------
+ALL_ROLES = sorted({role for roles in LEVEL_ROLES.values() for role in roles})
+_NEVER = datetime.min.replace(tzinfo=UTC)
+
+
+class Candidates:
+    """Who could take a case in some cells (`case_candidates`), and the cases given to
+    them since in this transaction, so that choosing case after case from one read gives
+    what asking the database before each case would."""
+
+    def __init__(self, rows: Sequence[asyncpg.Record]) -> None:
+        # cell → (worker, role, depth, rank by id); rows come ordered by worker id.
+        self.by_cell: dict[str, list[tuple[str, str, int, int]]] = {}
+        self.open_cases: dict[str, int] = {}
+        self.last_given: dict[str, datetime | None] = {}
+        for rank, row in enumerate(rows):
+            entry = (row["id"], row["role"], row["depth"], rank)
+            self.by_cell.setdefault(row["cell_id"], []).append(entry)
+            self.open_cases[row["id"]] = row["open_cases"]
+            self.last_given[row["id"]] = row["last_assigned_at"]
+
+    @classmethod
+    async def fetch(cls, conn: asyncpg.Connection, cells: Iterable[str]) -> Candidates:
+        return cls(await conn.fetch(query("case_candidates"), sorted(cells), ALL_ROLES))
+
+    def best(
+        self, cell_id: str, from_level: str, exclude: Sequence[str] = ()
+    ) -> tuple[str, str] | None:
+        """(worker id, level): the on-duty person at `from_level` or the next level up,
+        by role order (grid workers before part-timers, even one covering the micro-grid
+        itself), then the nearest cell, fewest open cases, longest since given one
+        (round robin), id."""
+        entries = self.by_cell.get(cell_id, [])
+        for level in LEVELS[LEVELS.index(from_level) :]:
+            roles = LEVEL_ROLES[level]
+            eligible = [e for e in entries if e[1] in roles and e[0] not in exclude]
+            if eligible:
+                best = min(eligible, key=lambda e: self._rank(e, roles))
+                return best[0], level
+        return None
+
+    def _rank(self, entry: tuple[str, str, int, int], roles: list[str]) -> tuple[Any, ...]:
+        worker, role, depth, by_id = entry
+        last = self.last_given[worker]
+        return (roles.index(role), depth, self.open_cases[worker], last is not None,
+                last or _NEVER, by_id)  # fmt: skip
+
+    def given(self, worker_id: str, now: datetime) -> None:
+        """Count a case given to the worker now."""
+        self.open_cases[worker_id] += 1
+        self.last_given[worker_id] = now
+
+
 async def find_assignee(
-    conn: asyncpg.Connection, cell_id: str, from_level: str, exclude: list[str]
-) -> tuple[asyncpg.Record, str] | None:
-    """The responsible on-duty person at `from_level`, or at the next level up."""
-    for level in LEVELS[LEVELS.index(from_level) :]:
-        row = await conn.fetchrow(query("case_candidate"), cell_id, LEVEL_ROLES[level], exclude)
-        if row is not None:
-            return row, level
-    return None
+    conn: asyncpg.Connection, cell_id: str, from_level: str, exclude: Sequence[str]
+) -> tuple[str, str] | None:
+    """(worker id, level): the responsible on-duty person at `from_level`, or at the next
+    level up."""
+    return (await Candidates.fetch(conn, [cell_id])).best(cell_id, from_level, exclude)
+
+
+class Assignment(NamedTuple):
+    case_id: int
+    worker_id: str
+    level: str
+    due_at: datetime | None
+    due_step: str | None
+
+
+def _assignment(case: asyncpg.Record, found: tuple[str, str], now: datetime) -> Assignment:
+    step, due = next_deadline(case, "dispatched", now)
+    return Assignment(case["id"], found[0], found[1], due, step)
+
+
+async def assign(
+    conn: asyncpg.Connection, assignments: Sequence[Assignment], now: datetime
+) -> dict[int, asyncpg.Record]:
+    """Give the cases to their workers (dispatched, with the accept deadline): case id →
+    the case as it is now."""
+    if not assignments:
+        return {}
+    case_ids, workers, levels, dues, steps = (list(c) for c in zip(*assignments, strict=True))
+    rows = await conn.fetch(query("case_assign"), case_ids, workers, levels, now, dues, steps)
+    return {row["id"]: row for row in rows}
+
+
+def _dispatched_event(
+    before: asyncpg.Record, after: asyncpg.Record, now: datetime, actor: Actor, reason: str
+) -> CaseEvent:
+    return CaseEvent(before["id"], now, actor, reason, before["state"], "dispatched",
+                     {"assignee": after["assignee"], "level": after["level"]})  # fmt: skip
+
+
+def _nobody_event(case: asyncpg.Record, now: datetime, actor: Actor) -> CaseEvent:
+    return CaseEvent(case["id"], now, actor, "unassigned", case["state"], case["state"],
+                     {"reason": "nobody on duty at any level",
+                      "assignee": case["assignee"]})  # fmt: skip
 
 
 async def dispatch(
@@ -237,11 +408,12 @@ async def dispatch(
     """Give the case to a person (the given worker, or the best candidate from `level`
     up) with its accept deadline; notify them. Without anyone it stays `reported`."""
     level = level or case["level"]
+    found: tuple[str, str] | None
     if worker_id is not None:
         worker = await conn.fetchrow(query("case_worker"), worker_id)
         if worker is None:
             raise CaseError(404, f"no worker {worker_id!r}")
-        found: tuple[Any, str] | None = (worker, _level_of(worker["role"]))
+        found = (worker["id"], _level_of(worker["role"]))
     else:
         found = await find_assignee(conn, case["cell_id"], level, exclude or [])
     if found is None:
@@ -252,19 +424,11 @@ async def dispatch(
             await add_event(conn, case["id"], now, actor, "unassigned", case["state"],
                             "reported", {"reason": "nobody else on duty at any level"})  # fmt: skip
             return unassigned
-        await add_event(conn, case["id"], now, actor, "unassigned", case["state"], case["state"],
-                        {"reason": "nobody on duty at any level",
-                         "assignee": case["assignee"]})  # fmt: skip
+        await add_events(conn, [_nobody_event(case, now, actor)])
         return case
-    worker, level = found
-    step, due = next_deadline(case, "dispatched", now)
-    updated = await conn.fetchrow(
-        query("case_assign"), case["id"], worker["id"], level, now, due, step
-    )
-    assert updated is not None
-    await add_event(conn, case["id"], now, actor, reason, case["state"], "dispatched",
-                    {"assignee": worker["id"], "level": level})  # fmt: skip
-    await notify_worker(conn, updated, worker["id"], reason, topic_prefix, webhook_url)
+    updated = (await assign(conn, [_assignment(case, found, now)], now))[case["id"]]
+    await add_events(conn, [_dispatched_event(case, updated, now, actor, reason)])
+    await notify_worker(conn, updated, found[0], reason, topic_prefix, webhook_url)
     return updated
 
 
@@ -293,6 +457,20 @@ def _policy(case: asyncpg.Record | dict[str, Any]) -> dict[str, int]:
 
 
 # -- the timeline and notifications -------------------------------------------------------------
+async def add_events(conn: asyncpg.Connection, events: Sequence[CaseEvent]) -> None:
+    """Append to the cases' timelines, in order, and tell the operators' live feed: the
+    same statement runs `pg_notify('gw_case', <case id>)`, delivered on commit
+    (`AlarmFeed` sends the case as an `event: case` on `GET /api/alarms/stream`)."""
+    if not events:
+        return
+    await conn.execute(
+        query("case_events_add"),
+        [e.case_id for e in events], [e.at for e in events], [e.actor.name for e in events],
+        [e.action for e in events], [e.from_state for e in events],
+        [e.to_state for e in events], [orjson.dumps(e.detail or {}).decode() for e in events],
+    )  # fmt: skip
+
+
 async def add_event(
     conn: asyncpg.Connection,
     case_id: int,
@@ -303,34 +481,21 @@ async def add_event(
     to_state: str | None,
     detail: dict[str, Any] | None = None,
 ) -> None:
-    """Append to the case's timeline and tell the operators' live feed: the same statement
-    runs `pg_notify('gw_case', <case id>)`, delivered on commit (`AlarmFeed` sends the case
-    as an `event: case` on `GET /api/alarms/stream`)."""
-    await conn.execute(
-        query("case_event_add"), case_id, at, actor.name, action, from_state, to_state,
-        orjson.dumps(detail or {}).decode(),
-    )  # fmt: skip
+    """One timeline entry (`add_events`)."""
+    await add_events(conn, [CaseEvent(case_id, at, actor, action, from_state, to_state, detail)])
 
 
 def worker_topic(topic_prefix: str, worker_id: str) -> str:
     return f"{topic_prefix}/workers/{worker_id}/cases"
 
 
-async def notify_worker(
-    conn: asyncpg.Connection,
-    case: asyncpg.Record,
-    worker_id: str,
-    reason: str,
-    topic_prefix: str,
-    webhook_url: str | None = None,
-) -> None:
-    """CONTRACT §6: one QoS-1 message on the worker's topic, through the outbox; with a
-    `webhook_url`, also a webhook row (the same payload plus `worker_id`) that the outbox
-    publisher POSTs there."""
+def notification(case: asyncpg.Record, reason: str) -> dict[str, Any]:
+    """CONTRACT §6: what a worker is sent about the case (`reason`: dispatched, escalated,
+    reassigned, reopened)."""
     policy = _policy(case)
     created = case["created_at"]
-    payload = {
-        "reason": reason,  # dispatched, escalated, reassigned, reopened
+    return {
+        "reason": reason,
         "case_id": case["id"],
         "state": case["state"],
         "priority": case["priority"],
@@ -348,13 +513,40 @@ async def notify_worker(
         },
         "created_at": iso(created),
     }
-    body = None
+
+
+async def queue_notifications(
+    conn: asyncpg.Connection,
+    notes: Sequence[tuple[str, dict[str, Any]]],
+    topic_prefix: str,
+    webhook_url: str | None = None,
+) -> None:
+    """Each (worker id, payload): one QoS-1 message on the worker's topic, through the
+    outbox; with a `webhook_url`, also a webhook row (the same payload plus `worker_id`)
+    that the outbox publisher POSTs there."""
+    if not notes:
+        return
+    bodies = []
     if webhook_url is not None:
-        body = orjson.dumps({"worker_id": worker_id, **payload}).decode()
+        bodies = [orjson.dumps({"worker_id": w, **payload}).decode() for w, payload in notes]
     await conn.execute(
-        query("outbox_add_notification"),
-        worker_topic(topic_prefix, worker_id), orjson.dumps(payload).decode(), webhook_url, body,
+        query("outbox_add_notifications"),
+        [worker_topic(topic_prefix, w) for w, _ in notes],
+        [orjson.dumps(payload).decode() for _, payload in notes], webhook_url, bodies,
     )  # fmt: skip
+
+
+async def notify_worker(
+    conn: asyncpg.Connection,
+    case: asyncpg.Record,
+    worker_id: str,
+    reason: str,
+    topic_prefix: str,
+    webhook_url: str | None = None,
+) -> None:
+    """One worker's notification about the case (`queue_notifications`)."""
+    await queue_notifications(conn, [(worker_id, notification(case, reason))], topic_prefix,
+                              webhook_url)  # fmt: skip
 
 
 # -- actions -------------------------------------------------------------------------------------
@@ -631,12 +823,12 @@ async def escalate(
         return row
     await conn.execute(query("case_escalated"), case["id"], missed)
     fresh = await conn.fetchrow(query("case_get"), case["id"])
-    worker, level = above
+    worker_id, level = above
     await add_event(conn, case["id"], now, actor, "escalate", case["state"], "dispatched",
                     {"from_level": case["level"], "to_level": level,
                      "missed": missed, "reason": reason})  # fmt: skip
     return await dispatch(conn, fresh, now=now, topic_prefix=topic_prefix, reason="escalated",
-                          worker_id=worker["id"], actor=actor, webhook_url=webhook_url)  # fmt: skip
+                          worker_id=worker_id, actor=actor, webhook_url=webhook_url)  # fmt: skip
 
 
 Handler = Callable[

@@ -7,9 +7,10 @@ connection) and polls every second in case one was missed (e.g. while its listen
 connection was down). It claims up to `batch` rows, the most severe alarms first and then
 in queue order (in a storm of alarms a fire is dispatched before a full bin), with `FOR
 UPDATE SKIP LOCKED` (several instances may run: each row is handled by one of them) and, in one
-transaction per batch, opens or joins each alarm's case (`open_case_for_alarm`: the
+transaction per batch, opens or joins the alarms' cases (`open_cases_for_alarms`: the
 timeline, the assignment and its SLA deadline, the worker's notification through the
-outbox), links the alarms to their cases and deletes the rows.
+outbox; a few statements for the whole batch, not a few per alarm), links the alarms to
+their cases and deletes the rows.
 
 Guarantees:
 
@@ -46,10 +47,9 @@ from collections import Counter as Tally
 from typing import Any
 
 import asyncpg
-import orjson
 from prometheus_client import Counter, Gauge
 
-from alerting.cases import link_alarms, open_case_for_alarm
+from alerting.cases import link_alarms, open_cases_for_alarms
 from gridwarden.clock import Clock, SystemClock
 from gridwarden.config import Settings
 from gridwarden.db import query
@@ -58,7 +58,7 @@ from gridwarden.supervisor import TaskFn
 log = logging.getLogger(__name__)
 
 INTAKE_CHANNEL = "gw_case_intake"  # payload: '' (just a wake-up)
-DEFAULT_BATCH = 20  # one transaction: the first case's notification waits for the last
+DEFAULT_BATCH = 50  # one transaction (a few statements): the first case waits for the last
 POLL_S = 1.0  # fallback when a notification is missed
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 30.0
@@ -184,13 +184,14 @@ class CaseIntake:
                 return 0
             links: dict[int, int] = {}
             done: list[int] = []
-            for row in rows:
-                if not careful:
-                    outcome, case_id = await self._one(conn, row)
-                else:
+            if not careful:
+                handled = await self._open(conn, rows)
+            else:
+                handled = []
+                for row in rows:
                     try:
                         async with conn.transaction():
-                            outcome, case_id = await self._one(conn, row)
+                            handled += await self._open(conn, [row])
                     except _TRANSIENT:
                         raise
                     except Exception as exc:
@@ -201,7 +202,7 @@ class CaseIntake:
                         error = f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_MAX]
                         await conn.execute(query("case_intake_set_aside"), row["intake_id"], error)
                         outcomes["failed"] += 1
-                        continue
+            for row, (outcome, case_id) in handled:
                 outcomes[outcome] += 1
                 if case_id is not None:
                     links[row["id"]] = case_id
@@ -213,25 +214,32 @@ class CaseIntake:
         OPENED.inc(outcomes["opened"])
         return len(rows)
 
-    async def _one(self, conn: asyncpg.Connection, row: asyncpg.Record) -> tuple[str, int | None]:
-        """Open or join the case of one queued alarm: (outcome, the case id)."""
-        if row["state"] == "closed":
-            return "closed", None
-        opened = await open_case_for_alarm(
+    async def _open(
+        self, conn: asyncpg.Connection, rows: list[asyncpg.Record]
+    ) -> list[tuple[asyncpg.Record, tuple[str, int | None]]]:
+        """Open or join the cases of queued alarms: each row with (outcome, the case id).
+        An alarm closed before its turn gets none (somebody handled it)."""
+        live = [row for row in rows if row["state"] != "closed"]
+        opened = await open_cases_for_alarms(
             conn,
-            row,
-            source=row["source"],
-            building=row["building"],
-            details=orjson.loads(row["details"]),
-            policy=self.settings.sla_policy(row["severity"]),
+            live,
+            policy_of=self.settings.sla_policy,
             topic_prefix=self.settings.topic_prefix,
             now=self.clock.now(),
             webhook_url=self.settings.webhook_url,
-            link=False,
         )
-        if opened is None:
-            return "no_cell", None
-        return ("opened" if opened.inserted else "joined"), opened.case_id
+        outcome = {row["intake_id"]: result for row, result in zip(live, opened, strict=True)}
+        handled: list[tuple[asyncpg.Record, tuple[str, int | None]]] = []
+        for row in rows:
+            if row["state"] == "closed":
+                handled.append((row, ("closed", None)))
+                continue
+            result = outcome[row["intake_id"]]
+            if result is None:
+                handled.append((row, ("no_cell", None)))
+            else:
+                handled.append((row, ("opened" if result.inserted else "joined", result.case_id)))
+        return handled
 
     # -- the database side ---------------------------------------------------------------
     def _listening(self) -> bool:

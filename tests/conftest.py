@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -74,24 +75,42 @@ async def template_database(embedded_postgres: EmbeddedPostgres) -> str:
     return TEMPLATE_DATABASE
 
 
+@asynccontextmanager
+async def fresh_database(embedded_postgres: EmbeddedPostgres, template: str) -> AsyncIterator[str]:
+    """A migrated database cloned from the template, dropped afterwards: its URL."""
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    admin_dsn = embedded_postgres.dsn_for("postgres")
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
+    finally:
+        await admin.close()
+    try:
+        yield embedded_postgres.dsn_for(name)
+    finally:
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await admin.close()
+
+
 @pytest.fixture
 async def database_url(
     embedded_postgres: EmbeddedPostgres, template_database: str
 ) -> AsyncIterator[str]:
     """A fresh, migrated database of this test's own, dropped afterwards."""
-    name = f"test_{uuid.uuid4().hex[:16]}"
-    admin_dsn = embedded_postgres.dsn_for("postgres")
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template_database}")
-    finally:
-        await admin.close()
-    yield embedded_postgres.dsn_for(name)
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    async with fresh_database(embedded_postgres, template_database) as url:
+        yield url
+
+
+@pytest.fixture
+async def second_database_url(
+    embedded_postgres: EmbeddedPostgres, template_database: str
+) -> AsyncIterator[str]:
+    """Another one, for a test comparing two runs of the same thing."""
+    async with fresh_database(embedded_postgres, template_database) as url:
+        yield url
 
 
 @pytest.fixture

@@ -169,6 +169,87 @@ async def test_50_detectors_of_one_building_through_8_intakes_make_one_case(
     assert key == "building:g1/5号楼"
 
 
+# -- a batch as one alarm after the other --------------------------------------------------------
+async def mixed_city(database_url: str, pool: asyncpg.Pool, prefix: str) -> None:
+    """Workers at two levels, a micro-grid under g1, a cell nobody covers; an open case
+    already there; then, in one ingest transaction, alarms of every kind of outcome."""
+    covers = [f"cover-{i}" for i in range(7)]
+    smokes = ["smoke-5a", "smoke-5b", "smoke-7"]
+    devices = [(c, "manhole_cover", 300, None) for c in covers]
+    await city(database_url, devices + [(s, "smoke_detector", 300, f"{s[6]}号楼") for s in smokes])
+    await add_worker(database_url, "w-lead", role="grid_leader")
+    await pool.execute("UPDATE workers SET on_duty = false WHERE id = 'w-zhao'")
+    await pool.execute(
+        "INSERT INTO cells (id, name, level, parent_id, geometry, min_lon, min_lat, max_lon,"
+        " max_lat) SELECT x.id, x.id, level, x.parent, geometry, min_lon, min_lat, max_lon,"
+        " max_lat FROM cells, (VALUES ('g1-m', 'g1'), ('g-empty', NULL)) AS x (id, parent)"
+        " WHERE cells.id = 'g1'"
+    )
+    await add_worker(database_url, "w-part", role="part_time")
+    await pool.execute("UPDATE worker_cells SET cell_id = 'g1-m' WHERE worker_id = 'w-part'")
+    await raise_in_one_transaction(pool, prefix, [smoke("smoke-7", "7号楼")])
+    await CaseIntake(pool, settings(prefix), ManualClock(T0)).drain()  # the open case
+    minor = cover("cover-5")
+    minor.severity = "minor"
+    ops = [cover(c) for c in covers[:5]] + [minor, cover("cover-6", cell_id="g1-m")]
+    ops += [cover("stray", cell_id="g-empty"), cover("outside", cell_id=None)]
+    ops += [smoke("smoke-5a", "5号楼"), smoke("smoke-5b", "5号楼"), smoke("smoke-7", "7号楼")]
+    await pool.execute("UPDATE alarms SET state = 'cleared' WHERE device_id = 'smoke-7'")
+    await raise_in_one_transaction(pool, prefix, ops)
+    await pool.execute("UPDATE alarms SET state = 'closed' WHERE device_id = 'cover-4'")
+
+
+async def outcome(pool: asyncpg.Pool) -> dict[str, list[tuple[Any, ...]]]:
+    """Everything the intake writes, in the order written; a case is named by its incident
+    (its id is a sequence's, which a join consumes too)."""
+    tables = {
+        "cases": "SELECT id, incident_key, priority, state, assignee, level, due_at, due_step,"
+                 " title, description, lat, lon, created_at FROM cases ORDER BY id",
+        "events": "SELECT case_id, at, actor, action, from_state, to_state, detail::text"
+                  " FROM case_events ORDER BY id",
+        "outbox": "SELECT payload->>'case_id', channel, topic, payload - 'case_id' FROM outbox"
+                  " WHERE topic LIKE '%/workers/%' ORDER BY id",
+        "links": "SELECT case_id, id, device_id FROM alarms ORDER BY id",
+        "workers": "SELECT NULL, id, last_assigned_at FROM workers ORDER BY id",
+        "queue": "SELECT NULL, alarm_id FROM case_intake ORDER BY id",
+    }  # fmt: skip
+    rows = {name: [tuple(r) for r in await pool.fetch(sql)] for name, sql in tables.items()}
+    key = {str(c[0]): c[1] for c in rows["cases"]}
+    return {name: [(key.get(str(r[0])), *r[1:]) for r in table] for name, table in rows.items()}
+
+
+async def test_a_batch_writes_what_one_alarm_after_the_other_would(
+    database_url: str, second_database_url: str, topic_prefix: str
+) -> None:
+    """The same city and alarms in two databases: one intake takes the alarms one per
+    batch, the other all in one. Cases, assignees (round robin, levels, nobody on duty),
+    the join of an open case and of a case the batch itself opened, timelines,
+    notifications and links come out the same, row for row."""
+    results = []
+    for url, batch in ((database_url, 1), (second_database_url, 50)):
+        pool = await create_pool(url)
+        try:
+            await mixed_city(url, pool, topic_prefix)
+            intake = CaseIntake(pool, settings(topic_prefix), ManualClock(T0), batch=batch)
+            assert await intake.drain() == 12
+            results.append(await outcome(pool))
+        finally:
+            await pool.close()
+    one_by_one, batched = results
+    assert batched == one_by_one
+    cases = {c[0]: c for c in batched["cases"]}
+    assert len(cases) == 9  # 7 covers less the closed one, 2 buildings, the stray
+    assert cases["building:g1/5号楼"][4] == "w-wang"  # w-li has the open case of 7号楼
+    assert list(cases)[-1] == "cover-5"  # the minor one last, the others in queue order
+    assigned = [cases[f"cover-{i}"][4] for i in (0, 1, 2, 3, 6, 5)]  # round robin; cover-6
+    assert assigned == ["w-li", "w-wang", "w-li", "w-wang", "w-li", "w-wang"]  # not w-part
+    assert cases["stray"][3:6] == ("reported", None, "grid_worker")  # nobody covers it
+    actions = [e[3] for e in batched["events"]]
+    assert actions.count("alarm_joined") == 2  # smoke-5b and the open case of 7号楼
+    assert len(batched["outbox"]) == 8  # one per dispatched case (the stray has nobody)
+    assert batched["queue"] == []
+
+
 # -- the alarm as it is now ---------------------------------------------------------------------
 async def test_the_case_takes_the_alarm_as_it_is_when_its_turn_comes(
     database_url: str, pool: asyncpg.Pool, topic_prefix: str
@@ -221,30 +302,29 @@ async def test_in_a_storm_the_most_severe_alarm_gets_its_case_first(
 async def test_a_kill_mid_batch_leaves_the_rows_queued_and_they_are_handled_once(
     database_url: str, pool: asyncpg.Pool, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Intake A claims a batch of 10 and hangs in the middle of it (after 5 cases, not yet
-    committed); intake B, meanwhile, finds nothing to claim (SKIP LOCKED). A is killed (its
-    connections dropped without a rollback, as by kill -9): nothing it did is left, every
-    row is still queued, and B handles each once."""
+    """Intake A claims a batch of 10 and hangs in the middle of it (its cases, timeline
+    entries and notifications written, not yet committed); intake B, meanwhile, finds
+    nothing to claim (SKIP LOCKED). A is killed (its connections dropped without a
+    rollback, as by kill -9): nothing it did is left, every row is still queued, and B
+    handles each once."""
     devices = [(f"cover-{i}", "manhole_cover", 300, None) for i in range(8)]
     devices += [(f"smoke-{i}", "smoke_detector", 300, "5号楼") for i in range(2)]
     await city(database_url, devices)
     ops = [cover(d) if d.startswith("cover") else smoke(d, "5号楼") for d, *_ in devices]
     await raise_in_one_transaction(pool, topic_prefix, ops)
 
-    real = intake_module.open_case_for_alarm
-    calls = 0
+    real = intake_module.open_cases_for_alarms
     stuck = asyncio.Event()
     hang = True
 
     async def hanging(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if hang and calls > 5:
+        opened = await real(*args, **kwargs)  # the batch's cases written, not committed
+        if hang:
             stuck.set()
             await asyncio.Event().wait()  # forever
-        return await real(*args, **kwargs)
+        return opened
 
-    monkeypatch.setattr(intake_module, "open_case_for_alarm", hanging)
+    monkeypatch.setattr(intake_module, "open_cases_for_alarms", hanging)
     pool_a = await create_pool(database_url, min_size=2, max_size=2)
     intake_a = CaseIntake(pool_a, settings(topic_prefix), ManualClock(T0), batch=10)
     intake_b = CaseIntake(pool, settings(topic_prefix), ManualClock(T0), batch=10)

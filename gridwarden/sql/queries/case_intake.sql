@@ -16,11 +16,13 @@ SELECT pg_notify('gw_case_intake', '') WHERE EXISTS (SELECT FROM queued);
 -- The first $1 queued rows (not moved aside), most severe alarm first, then oldest: in an
 -- alarm storm a fire is dispatched before a full bin. Locked until the transaction ends;
 -- rows another intake holds are skipped. With each, the alarm as it is now (`id` is the
--- alarm's, `intake_id` the row's).
+-- alarm's, `intake_id` the row's) and where its device is (NULL: not registered).
 SELECT q.id AS intake_id, q.source, q.building, q.details::text AS details, q.queued_at,
-       a.id, a.device_id, a.kind, a.rule, a.severity, a.state, a.cell_id, a.case_id
+       a.id, a.device_id, a.kind, a.rule, a.severity, a.state, a.cell_id, a.case_id,
+       d.name AS device_name, d.building AS device_building, d.lat, d.lon
 FROM case_intake q
 JOIN alarms a ON a.id = q.alarm_id
+LEFT JOIN devices d ON d.id = a.device_id
 WHERE q.failed_at IS NULL
 ORDER BY array_position(ARRAY['critical', 'major', 'minor', 'warning'], a.severity), q.id
 LIMIT $1

@@ -1,8 +1,18 @@
 -- name: case_open_or_join
--- One open case per incident: a new alarm of the same device or building joins it.
+-- One open case per incident: a new alarm of the same device or building joins it (the
+-- case takes the higher priority). One row per element of the arrays ($1 incident keys,
+-- distinct: one statement may not touch a case twice; $2 origins, $3 categories, $4 titles,
+-- $5 descriptions, $6 cells, $7 devices, $8 lat, $9 lon, $10 priorities, $11 policies as
+-- JSON text), all at $12. Each case comes back with its `incident_key` and `inserted`.
 INSERT INTO cases AS c (incident_key, origin, category, title, description, cell_id, device_id,
                         lat, lon, priority, policy, created_at, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, $12)
+SELECT n.incident_key, n.origin, n.category, n.title, n.description, n.cell_id, n.device_id,
+       n.lat, n.lon, n.priority, n.policy::jsonb, $12, $12
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::text[], $8::float8[], $9::float8[], $10::text[], $11::text[])
+     WITH ORDINALITY AS n (incident_key, origin, category, title, description, cell_id,
+                           device_id, lat, lon, priority, policy, ord)
+ORDER BY n.ord
 ON CONFLICT (incident_key) WHERE state IN ('reported', 'dispatched', 'accepted', 'on_site')
 DO UPDATE SET
     priority = CASE
@@ -12,40 +22,45 @@ DO UPDATE SET
     updated_at = EXCLUDED.updated_at
 RETURNING c.*, (c.xmax = 0) AS inserted;
 
--- name: case_candidate
--- The on-duty worker of one of `roles` covering the cell or a cell above it: role
--- order first (grid workers before part-timers, even one covering the micro-grid
--- itself), then the nearest cell, fewest open cases, longest since given one (round
--- robin), id.
+-- name: case_candidates
+-- Everyone on duty who could take a case in each of the cells $1: the workers of one of
+-- the roles $2 covering the cell or a cell above it, with what the choice goes by
+-- (`alerting.cases.best_candidate`: role, the nearest cell, fewest open cases, longest
+-- since given one, id), ordered by id (the last tie-break, in the database's collation).
 WITH RECURSIVE chain AS (
-    SELECT id, parent_id, 0 AS depth FROM cells WHERE id = $1
+    SELECT id AS origin, id, parent_id, 0 AS depth FROM cells WHERE id = ANY($1::text[])
     UNION ALL
-    SELECT c.id, c.parent_id, chain.depth + 1
+    SELECT chain.origin, c.id, c.parent_id, chain.depth + 1
     FROM cells c JOIN chain ON c.id = chain.parent_id
     WHERE chain.depth < 16
 )
-SELECT w.id, w.name, w.role, min(chain.depth) AS depth,
+SELECT chain.origin AS cell_id, w.id, w.role, min(chain.depth) AS depth, w.last_assigned_at,
        (SELECT count(*) FROM cases k
         WHERE k.assignee = w.id AND k.state IN ('dispatched', 'accepted', 'on_site')) AS open_cases
 FROM workers w
 JOIN worker_cells wc ON wc.worker_id = w.id
 JOIN chain ON chain.id = wc.cell_id
-WHERE w.on_duty AND w.role = ANY($2::text[]) AND NOT (w.id = ANY($3::text[]))
-GROUP BY w.id
-ORDER BY array_position($2::text[], w.role), min(chain.depth), open_cases,
-         w.last_assigned_at NULLS FIRST, w.id
-LIMIT 1;
+WHERE w.on_duty AND w.role = ANY($2::text[])
+GROUP BY chain.origin, w.id
+ORDER BY w.id, chain.origin;
 
 -- name: case_assign
--- Assign the case, and note when the worker was last given one (the next assignment goes
--- to whoever waited longest), in one round trip.
-WITH touched AS (
-    UPDATE workers SET last_assigned_at = $4 WHERE id = $2 RETURNING id
+-- Assign cases ($1 case ids, $2 workers, $3 levels, $5 deadlines, $6 their steps; at $4),
+-- and note when each worker was last given one (the next assignment goes to whoever
+-- waited longest), in one round trip.
+WITH wanted AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $5::timestamptz[], $6::text[])
+        AS w (case_id, worker_id, level, due_at, due_step)
+), touched AS (
+    UPDATE workers SET last_assigned_at = $4
+    WHERE id IN (SELECT worker_id FROM wanted) RETURNING id
 )
-UPDATE cases SET assignee = $2, level = $3, state = 'dispatched',
-       dispatched_at = COALESCE(dispatched_at, $4), due_at = $5, due_step = $6, updated_at = $4
-WHERE id = $1
-RETURNING *;
+UPDATE cases c SET assignee = w.worker_id, level = w.level, state = 'dispatched',
+       dispatched_at = COALESCE(c.dispatched_at, $4), due_at = w.due_at,
+       due_step = w.due_step, updated_at = $4
+FROM wanted w
+WHERE c.id = w.case_id
+RETURNING c.*;
 
 -- name: case_get
 SELECT * FROM cases WHERE id = $1;
@@ -53,15 +68,20 @@ SELECT * FROM cases WHERE id = $1;
 -- name: case_lock
 SELECT * FROM cases WHERE id = $1 FOR UPDATE;
 
--- name: case_event_add
--- One timeline entry, and `pg_notify('gw_case', <case id>)` for the operators' live feed
--- (delivered on commit; several entries of one transaction make one notification).
+-- name: case_events_add
+-- Timeline entries, in the order given ($1 cases, $2 times, $3 actors, $4 actions, $5 from
+-- and $6 to states, $7 details as JSON text), and `pg_notify('gw_case', <case id>)` for
+-- the operators' live feed (delivered on commit; one notification per case).
 WITH added AS (
     INSERT INTO case_events (case_id, at, actor, action, from_state, to_state, detail)
-    VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+    SELECT e.case_id, e.at, e.actor, e.action, e.from_state, e.to_state, e.detail::jsonb
+    FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
+                $6::text[], $7::text[])
+         WITH ORDINALITY AS e (case_id, at, actor, action, from_state, to_state, detail, ord)
+    ORDER BY e.ord
     RETURNING case_id
 )
-SELECT pg_notify('gw_case', case_id::text) FROM added;
+SELECT pg_notify('gw_case', case_id::text) FROM (SELECT DISTINCT case_id FROM added) changed;
 
 -- name: case_timeline
 SELECT at, actor, action, from_state, to_state, detail FROM case_events
@@ -83,9 +103,6 @@ SELECT id, name, role, on_duty FROM workers WHERE id = $1;
 -- Cases past their next deadline, for the SLA timer; SKIP LOCKED so two instances
 -- never escalate the same case.
 SELECT * FROM cases WHERE due_at <= $1 ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED;
-
--- name: case_device_location
-SELECT d.lat, d.lon, d.name, d.building, d.floor, d.kind FROM devices d WHERE d.id = $1;
 
 -- name: case_step
 -- One step of the loop. A step column keeps its first value (a second acceptance after
@@ -128,15 +145,22 @@ WHERE id = $1;
 -- name: case_postpone
 UPDATE cases SET due_at = $2 WHERE id = $1;
 
--- name: outbox_add_notification
--- A worker's notification in one round trip: the MQTT row ($1 topic, $2 payload), the
--- webhook row when $3 (the URL) is set ($4 the body), and the publisher's wake-up
+-- name: outbox_add_notifications
+-- Workers' notifications in one round trip: the MQTT rows ($1 topics, $2 payloads), the
+-- webhook rows when $3 (the URL) is set ($4 their bodies), and the publisher's wake-up
 -- (delivered on commit).
 WITH mqtt AS (
-    INSERT INTO outbox (topic, payload) VALUES ($1, $2::jsonb) RETURNING id
+    INSERT INTO outbox (topic, payload)
+    SELECT n.topic, n.payload::jsonb
+    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS n (topic, payload, ord)
+    ORDER BY n.ord
+    RETURNING id
 ), hook AS (
     INSERT INTO outbox (channel, topic, payload)
-    SELECT 'webhook', $3::text, $4::jsonb WHERE $3::text IS NOT NULL
+    SELECT 'webhook', $3::text, n.body::jsonb
+    FROM unnest($4::text[]) WITH ORDINALITY AS n (body, ord)
+    WHERE $3::text IS NOT NULL
+    ORDER BY n.ord
     RETURNING id
 )
 SELECT pg_notify('gw_outbox', ''), (SELECT count(*) FROM mqtt) + (SELECT count(*) FROM hook);
