@@ -295,7 +295,7 @@ async def open_case_for_report(
 
 # -- assignment ----------------------------------------------------------------------------
 ALL_ROLES = sorted({role for roles in LEVEL_ROLES.values() for role in roles})
-_NEVER = datetime.min.replace(tzinfo=UTC)
+_NEVER = datetime.min.replace(tzinfo=UTC)  # never given a case: first (NULLS FIRST)
 
 
 class Candidates:
@@ -336,9 +336,8 @@ class Candidates:
 
     def _rank(self, entry: tuple[str, str, int, int], roles: list[str]) -> tuple[Any, ...]:
         worker, role, depth, by_id = entry
-        last = self.last_given[worker]
-        return (roles.index(role), depth, self.open_cases[worker], last is not None,
-                last or _NEVER, by_id)  # fmt: skip
+        never_given_first = self.last_given[worker] or _NEVER
+        return roles.index(role), depth, self.open_cases[worker], never_given_first, by_id
 
     def given(self, worker_id: str, now: datetime) -> None:
         """Count a case given to the worker now."""

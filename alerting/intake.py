@@ -219,22 +219,20 @@ class CaseIntake:
     ) -> list[tuple[asyncpg.Record, tuple[str, int | None]]]:
         """Open or join the cases of queued alarms: each row with (outcome, the case id).
         An alarm closed before its turn gets none (somebody handled it)."""
-        live = [row for row in rows if row["state"] != "closed"]
-        opened = await open_cases_for_alarms(
+        opened = iter(await open_cases_for_alarms(
             conn,
-            live,
+            [row for row in rows if row["state"] != "closed"],
             policy_of=self.settings.sla_policy,
             topic_prefix=self.settings.topic_prefix,
             now=self.clock.now(),
             webhook_url=self.settings.webhook_url,
-        )
-        outcome = {row["intake_id"]: result for row, result in zip(live, opened, strict=True)}
+        ))  # fmt: skip
         handled: list[tuple[asyncpg.Record, tuple[str, int | None]]] = []
         for row in rows:
             if row["state"] == "closed":
                 handled.append((row, ("closed", None)))
                 continue
-            result = outcome[row["intake_id"]]
+            result = next(opened)  # the results of the live rows, in their order
             if result is None:
                 handled.append((row, ("no_cell", None)))
             else:

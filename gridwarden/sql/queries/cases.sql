@@ -25,7 +25,7 @@ RETURNING c.*, (c.xmax = 0) AS inserted;
 -- name: case_candidates
 -- Everyone on duty who could take a case in each of the cells $1: the workers of one of
 -- the roles $2 covering the cell or a cell above it, with what the choice goes by
--- (`alerting.cases.best_candidate`: role, the nearest cell, fewest open cases, longest
+-- (`alerting.cases.Candidates.best`: role, the nearest cell, fewest open cases, longest
 -- since given one, id), ordered by id (the last tie-break, in the database's collation).
 WITH RECURSIVE chain AS (
     SELECT id AS origin, id, parent_id, 0 AS depth FROM cells WHERE id = ANY($1::text[])
@@ -52,8 +52,7 @@ WITH wanted AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $5::timestamptz[], $6::text[])
         AS w (case_id, worker_id, level, due_at, due_step)
 ), touched AS (
-    UPDATE workers SET last_assigned_at = $4
-    WHERE id IN (SELECT worker_id FROM wanted) RETURNING id
+    UPDATE workers SET last_assigned_at = $4 WHERE id IN (SELECT worker_id FROM wanted)
 )
 UPDATE cases c SET assignee = w.worker_id, level = w.level, state = 'dispatched',
        dispatched_at = COALESCE(c.dispatched_at, $4), due_at = w.due_at,
@@ -154,16 +153,14 @@ WITH mqtt AS (
     SELECT n.topic, n.payload::jsonb
     FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS n (topic, payload, ord)
     ORDER BY n.ord
-    RETURNING id
 ), hook AS (
     INSERT INTO outbox (channel, topic, payload)
     SELECT 'webhook', $3::text, n.body::jsonb
     FROM unnest($4::text[]) WITH ORDINALITY AS n (body, ord)
     WHERE $3::text IS NOT NULL
     ORDER BY n.ord
-    RETURNING id
 )
-SELECT pg_notify('gw_outbox', ''), (SELECT count(*) FROM mqtt) + (SELECT count(*) FROM hook);
+SELECT pg_notify('gw_outbox', '');  -- the inserts above run whether read or not
 
 -- name: cases_feed_by_ids
 -- Changed cases for the live feed, with the latest timeline action as `change`.
