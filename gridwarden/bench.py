@@ -743,6 +743,9 @@ TELEMETRY: Final = "telemetry"
 class ProbeTimes:
     alarm_ms: list[float] = field(default_factory=list)
     notify_ms: list[float] = field(default_factory=list)
+    # publish -> the service read it off its socket (`received_at` of the stored row): the
+    # broker's and the socket's share of `alarm_ms`, the rest is the service's.
+    receive_ms: list[float] = field(default_factory=list)
     alarm_missing: int = 0
     notify_missing: int = 0
 
@@ -777,6 +780,7 @@ async def latency_phase(
     schedule = _interleave(probes)
     kind_of_probe: dict[str, str] = {device_id(i): kind for kind, i in schedule}
     sent_at: dict[str, float] = {}
+    seq_of: dict[str, int] = {}
     alarm_seen: dict[str, float] = {}
     notify_seen: dict[str, float] = {}
     result = LatencyResult(probes={kind: len(v) for kind, v in probes.items()})
@@ -838,7 +842,7 @@ async def latency_phase(
                 topic, payload = f"{PREFIX}/dev/{d}/event", alarm_event_payload(seq, now)
             else:
                 topic, payload = f"{PREFIX}/dev/{d}/telemetry", alarm_payload(seq, now)
-            sent_at[d] = now
+            sent_at[d], seq_of[d] = now, seq
             publisher.publish(topic, payload, qos=1)
             await asyncio.sleep(interval)
         result.load = await asyncio.to_thread(load_summary, load, config.duration + 180)
@@ -850,6 +854,7 @@ async def latency_phase(
         check()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(all_seen.wait(), grace_s)
+        received = await _received_at(pool, seq_of, kind_of_probe)
     finally:
         stop.set()
         for task in tasks:
@@ -870,12 +875,30 @@ async def latency_phase(
         else:
             times.alarm_missing += 1
             times.alarm_ms.append(waited * 1000)
+        if d in received:
+            times.receive_ms.append((received[d] - t) * 1000)
         if d in notify_seen:
             times.notify_ms.append((notify_seen[d] - t) * 1000)
         else:
             times.notify_missing += 1
             times.notify_ms.append(waited * 1000)
     return result
+
+
+async def _received_at(
+    pool: asyncpg.Pool, seq_of: dict[str, int], kind_of_probe: dict[str, str]
+) -> dict[str, float]:
+    """When the service received each probe (epoch seconds), from its stored row."""
+    received: dict[str, float] = {}
+    for kind, table in ((EVENT, "device_events"), (TELEMETRY, "telemetry")):
+        devices = [d for d in seq_of if kind_of_probe[d] == kind]
+        rows = await pool.fetch(
+            f"SELECT device_id, received_at FROM {table} t "  # a constant table name
+            "JOIN unnest($1::text[], $2::bigint[]) AS p(device_id, seq) USING (device_id, seq)",
+            devices, [seq_of[d] for d in devices],
+        )  # fmt: skip
+        received.update((r["device_id"], r["received_at"].timestamp()) for r in rows)
+    return received
 
 
 # --------------------------------------------------------------------------- the run
@@ -929,6 +952,10 @@ def _latency_keys(out: dict[str, Any], half: LatencyResult, sat: LatencyResult) 
     out["alarm_latency_ms_p99"] = ms(event.alarm_ms, 99)
     out["alarm_latency_ms_p99_saturated"] = ms(saturated.alarm_ms, 99)
     out["alarm_latency_ms_p50_saturated"] = ms(saturated.alarm_ms, 50)
+    out["alarm_receive_ms_p50"] = ms(event.receive_ms, 50)
+    out["alarm_receive_ms_p99"] = ms(event.receive_ms, 99)
+    out["alarm_receive_ms_p50_saturated"] = ms(saturated.receive_ms, 50)
+    out["alarm_receive_ms_p99_saturated"] = ms(saturated.receive_ms, 99)
     out["alarm_latency_telemetry_ms_p50"] = ms(telemetry.alarm_ms, 50)
     out["alarm_latency_telemetry_ms_p99"] = ms(telemetry.alarm_ms, 99)
     out["case_notify_latency_ms_p50"] = ms(event.notify_ms, 50)

@@ -9,10 +9,15 @@ them (the event session has its own copy). Each device's messages stay in order
 within a lane; both lanes evaluate rules and commit under the one rules lock (taken
 after the batch's COPYs, ingest/writer.py).
 
-Within a lane, decoding the next batch overlaps the writes of the previous ones, and two
-batches write at once on their own connections (one's claim and COPYs overlap the
+Within the bulk lane, decoding the next batch overlaps the writes of the previous ones,
+and two batches write at once on their own connections (one's claim and COPYs overlap the
 other's rules and commit): Python works while PostgreSQL does. Their rules and commits
 keep the lane's order (`ingest.writer.Turn`), and they are acknowledged in order.
+The event lane writes one batch at a time, taken only once the one before committed, so
+each batch holds every event that arrived meanwhile and waits once for the rules lock,
+where it goes before any waiting bulk batch (`rules.lock.RulesLock`). (Read ahead like
+the bulk lane, a chain of small event batches each waited for the lock behind a bulk
+batch: 0.7 s median under a saturating load.)
 
 Failure handling:
 - a batch's write fails while others are in flight behind it: those are rolled back
@@ -87,6 +92,7 @@ class Lane:
     source: MqttSource
     max_delay_s: float
     skip_events: bool  # the bulk lane: event messages are the event lane's
+    urgent: bool = False  # the event lane: one batch at a time, first to the rules lock
 
 
 @dataclass
@@ -150,7 +156,9 @@ class IngestService:
             receive_maximum=EVENT_LANE_RECEIVE_MAXIMUM,
         )
         self.lanes = [
-            Lane("events", self.event_source, EVENT_LANE_MAX_DELAY_S, skip_events=False),
+            Lane(
+                "events", self.event_source, EVENT_LANE_MAX_DELAY_S, skip_events=False, urgent=True
+            ),
             Lane("bulk", self.source, settings.batch_max_delay_ms / 1000, skip_events=True),
         ]
         self._event_topic = (f"{settings.topic_prefix}/dev/", "/event")
@@ -186,6 +194,9 @@ class IngestService:
 
     async def _run_lane(self, lane: Lane, stop: asyncio.Event) -> None:
         """take → decode here, commit → acknowledge in `committer`, one batch apart."""
+        if lane.urgent:
+            await self._run_urgent_lane(lane, stop)
+            return
         ready: asyncio.Queue[tuple[list[RawMessage], Decoded] | None] = asyncio.Queue(1)
         committer = asyncio.create_task(self._commit_loop(lane, ready), name=f"commit-{lane.name}")
         try:
@@ -201,6 +212,17 @@ class IngestService:
             await committer
         finally:
             committer.cancel()
+
+    async def _run_urgent_lane(self, lane: Lane, stop: asyncio.Event) -> None:
+        """take → decode → commit → acknowledge, one batch at a time (no read-ahead)."""
+        while True:
+            batch = await self._take(lane, stop)
+            if batch is None:  # stopping: what was handed over before the stop
+                if not lane.source.depth():
+                    return
+                batch = await lane.source.take(self.settings.batch_max_messages, 0)
+            decoded = await self._decode(lane, batch)
+            await self._finish(lane, batch, decoded, await self._commit(decoded, urgent=True))
 
     async def _take(self, lane: Lane, stop: asyncio.Event) -> list[RawMessage] | None:
         take = asyncio.ensure_future(
@@ -380,13 +402,13 @@ class IngestService:
             metrics.OTHER_SHARD.inc(others)
         return decoded
 
-    async def _commit(self, decoded: Decoded) -> WriteResult:
+    async def _commit(self, decoded: Decoded, *, urgent: bool = False) -> WriteResult:
         """Write one batch alone, retrying while the database is unavailable."""
         started = time.perf_counter()
         try:
-            result = await self._write(decoded)
+            result = await self._write(decoded, urgent)
         except _DataRefused:
-            result = await self._commit_one_by_one(decoded)
+            result = await self._commit_one_by_one(decoded, urgent)
         self._observe(started, decoded)
         return result
 
@@ -395,14 +417,14 @@ class IngestService:
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(decoded.readings) + len(decoded.dead_letters))
 
-    async def _commit_one_by_one(self, decoded: Decoded) -> WriteResult:
+    async def _commit_one_by_one(self, decoded: Decoded, urgent: bool) -> WriteResult:
         stored: list[Reading] = []
         telemetry = events = dead = duplicates = 0
         singles = [Decoded(readings=[r]) for r in decoded.readings]
         singles += [Decoded(dead_letters=[d]) for d in decoded.dead_letters]
         for single in singles:
             try:
-                part = await self._write(single)
+                part = await self._write(single, urgent)
             except _DataRefused as refused:
                 reading = single.readings[0]
                 letter = DeadLetter(
@@ -414,7 +436,7 @@ class IngestService:
                     received_at=reading.received_at,
                 )
                 decoded.dead_letters.append(letter)
-                part = await self._write(Decoded(dead_letters=[letter]))
+                part = await self._write(Decoded(dead_letters=[letter]), urgent)
             stored += part.stored
             telemetry += part.telemetry_rows
             events += part.event_rows
@@ -422,9 +444,11 @@ class IngestService:
             duplicates += part.duplicates
         return WriteResult(stored, telemetry, events, dead, duplicates)
 
-    async def _write(self, decoded: Decoded) -> WriteResult:
+    async def _write(self, decoded: Decoded, urgent: bool = False) -> WriteResult:
         async def work(conn: asyncpg.Connection) -> WriteResult:
-            return await write_batch(conn, decoded, self.settings.dedup_window_s, self.rules)
+            return await write_batch(
+                conn, decoded, self.settings.dedup_window_s, self.rules, urgent=urgent
+            )
 
         return await self._with_retry(work)
 

@@ -14,6 +14,7 @@ import orjson
 from gridwarden.db import query
 from ingest.decode import Decoded, Reading
 from ingest.models import BOOLEAN_FIELDS, NUMERIC_FIELDS
+from rules.lock import RulesLock
 
 TELEMETRY_COLUMNS = ("time", "device_id", "seq", "received_at", *NUMERIC_FIELDS,
                      *BOOLEAN_FIELDS, "extra")  # fmt: skip
@@ -27,7 +28,7 @@ class RulesHook(Protocol):
     """What ingest needs of the rules engine: evaluate the fresh readings inside the
     batch's transaction, and learn when that transaction committed."""
 
-    lock: asyncio.Lock
+    lock: RulesLock
 
     async def in_transaction(self, conn: asyncpg.Connection, readings: list[Reading]) -> Any: ...
 
@@ -127,6 +128,8 @@ async def write_batch(
     dedup_window_s: float,
     rules: RulesHook | None = None,
     turn: Turn | None = None,
+    *,
+    urgent: bool = False,
 ) -> WriteResult:
     # The rules lock (one writer of engine state at a time) is taken only for the rules
     # and the commit, not for the claim and the COPYs before them: the event lane's
@@ -135,6 +138,7 @@ async def write_batch(
     # waiting for the lock never holds anything its holder needs.
     # `turn`: batches of one lane in flight together (ingest/consumer.py) run their rules
     # and commit in the lane's order; the claim and COPYs before need no order.
+    # `urgent`: the event lane's batch takes the lock before any waiting bulk batch.
     async with contextlib.AsyncExitStack() as holding:
         async with conn.transaction():
             fresh, duplicates = await claim_new(conn, decoded.readings, dedup_window_s)
@@ -160,7 +164,7 @@ async def write_batch(
             if turn is not None:
                 await turn.previous_committed()
             if rules is not None and fresh:
-                await holding.enter_async_context(rules.lock)
+                await holding.enter_async_context(rules.lock.hold(urgent=urgent))
                 evaluation = await rules.in_transaction(conn, fresh)
         # Committed (an error above skips this): the engine's memory follows, then
         # `holding` releases the lock.

@@ -19,6 +19,7 @@ from gridwarden.db import query
 from gridwarden.readings import DeviceInfo, Reading
 from gridwarden.registry import CellLocator
 from rules.engine import Engine, Evaluation
+from rules.lock import RulesLock
 from rules.spec import RuleSet, load_rules
 from rules.store import OnRaised, apply_evaluation
 
@@ -60,8 +61,8 @@ class RulesService:
         self.owns = owns or (lambda source: True)
         self.on_raised = on_raised
         # One writer of engine state at a time: the ingest batch (evaluate → commit)
-        # and the timers must not interleave on the same keys.
-        self.lock = asyncio.Lock()
+        # and the timers must not interleave on the same keys. Alarm events go first.
+        self.lock = RulesLock()
         self._locator: CellLocator | None = None
         self._hierarchy: dict[str, str | None] = {}
         self._windows: list[MaintenanceWindow] = []

@@ -17,6 +17,7 @@ from gridwarden.config import Settings
 from gridwarden.db import create_pool
 from gridwarden.mqtt_url import parse_mqtt_url
 from ingest.consumer import IngestService
+from ingest.writer import RulesHook
 
 WAIT_S = 15.0
 
@@ -58,11 +59,13 @@ async def register_devices(database_url: str, devices: list[tuple[str, str, floa
 
 
 @asynccontextmanager
-async def running_ingest(settings: Settings) -> AsyncIterator[IngestService]:
+async def running_ingest(
+    settings: Settings, rules: RulesHook | None = None
+) -> AsyncIterator[IngestService]:
     assert settings.database_url
     assert settings.mqtt_url
     pool = await create_pool(settings.database_url)
-    service = IngestService(settings, pool, settings.mqtt_url)
+    service = IngestService(settings, pool, settings.mqtt_url, rules=rules)
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(service.run(stop), name="ingest"),
