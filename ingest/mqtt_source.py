@@ -34,6 +34,7 @@ import collections
 import logging
 import threading
 from datetime import UTC, datetime
+from typing import cast
 
 from gridwarden.mqtt_url import parse_mqtt_url
 from ingest import mqtt_wire
@@ -254,10 +255,10 @@ class _Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's is not a subclass of asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
         self._last_received = self.loop.time()
-        transport.write(self.source._connect_packet())
+        self.transport.write(self.source._connect_packet())
         self._schedule_tick()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -125,6 +125,21 @@ def fast_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
 # --------------------------------------------------------------------------- the real broker
 
 
+class _RecordingTransport:
+    """Notes every write, then passes it on (uvloop's transport attributes are read-only)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        self.transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 async def test_messages_arrive_in_order_and_acked_ones_are_not_redelivered(
     make_source: Callable[..., MqttSource],
     mqtt_url: str,
@@ -149,13 +164,11 @@ async def test_messages_arrive_in_order_and_acked_ones_are_not_redelivered(
     connection = source._connection
     assert connection is not None
     assert connection.transport is not None
-    writes: list[bytes] = []
-    write = connection.transport.write
-    monkeypatch.setattr(
-        connection.transport, "write", lambda data: (writes.append(data), write(data))
-    )
+    recorder = _RecordingTransport(connection.transport)
+    monkeypatch.setattr(connection, "transport", recorder)
     assert source.ack(got) == 30  # the QoS 0 one needs none
-    assert writes == [wire.puback([m.mid for m in got if m.qos])]  # ONE write for the batch
+    # ONE write for the batch
+    assert recorder.writes == [wire.puback([m.mid for m in got if m.qos])]
 
     source.stop()
     assert not source.is_connected()

@@ -12,9 +12,10 @@ import asyncpg
 
 from gridwarden.config import Settings
 from gridwarden.db import create_pool
+from gridwarden.readings import Reading
 from ingest.consumer import IngestService
 from rules.engine import AlarmOp
-from rules.runtime import RulesService
+from rules.runtime import EVALUATE_SLICE, RulesService
 from rules.store import apply_op, apply_ops, queue_cases
 from tests.ingest_helpers import WAIT_S, fetch, publish, publisher, settings_for, wait_for
 
@@ -302,3 +303,47 @@ async def test_a_rate_of_rise_spanning_a_restart_fires_though_its_samples_were_n
     assert rows[0]["rule"] == "smoke.heat_rate_of_rise"
     assert rows[0]["details"] is not None
     assert '"rise": 9.0' in rows[0]["details"]
+
+
+async def test_a_bulk_batch_gives_no_turns_away_while_an_alarm_event_waits_for_the_lock(
+    database_url, mqtt_url, topic_prefix
+):
+    settings = settings_for(database_url, mqtt_url, topic_prefix)
+    pool = await create_pool(database_url)
+    try:
+        rules = RulesService(settings, pool, lambda device_id: None)
+        now = datetime.now(UTC)
+        # Unknown devices: evaluated in slices like any batch, with no alarm writes.
+        readings = [
+            Reading("telemetry", "nobody", now, now, None, {"fill": 1.0})
+            for _ in range(5 * EVALUATE_SLICE)
+        ]
+        turns = 0
+
+        async def count_turns() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        async def turns_given_away() -> int:
+            async with pool.acquire() as conn:
+                before = turns
+                await rules.in_transaction(conn, readings)
+                return turns - before
+
+        counter = asyncio.create_task(count_turns())
+        await rules.lock.acquire()  # the bulk batch holds it
+        alone = await turns_given_away()
+        waiter = asyncio.create_task(rules.lock.acquire(urgent=True))
+        await asyncio.sleep(0)
+        assert rules.lock.waiting(urgent=True) == 1
+        while_waited_for = await turns_given_away()
+        rules.lock.release()
+        await waiter
+        rules.lock.release()
+        counter.cancel()
+    finally:
+        await pool.close()
+    assert alone >= 4  # a turn between each two slices
+    assert while_waited_for == 0
