@@ -16,4 +16,3 @@ async def _loop_type() -> type:
 
 def test_the_service_runs_on_uvloop():
     assert issubclass(_run(_loop_type()), uvloop.Loop)
-
