@@ -135,7 +135,6 @@ import gmqtt  # type: ignore[import-untyped]
 import httpx
 import orjson
 import paho.mqtt.client as paho
-import uvloop
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -538,13 +537,13 @@ Drain = Callable[[str, int, float], DrainResult]
 
 
 def _baselines() -> list[tuple[str, str, Drain]]:
-    """(name, client id, drain) fastest first; on the service's event loop (uvloop)."""
+    """(name, client id, drain) fastest first."""
     return [
         ("gridwarden-receiver", RECEIVER_CLIENT_ID,
-         lambda u, n, c: uvloop.run(drain_receiver(u, n, c))),
-        ("gmqtt", GMQTT_CLIENT_ID, lambda u, n, c: uvloop.run(drain_gmqtt(u, n, c))),
+         lambda u, n, c: asyncio.run(drain_receiver(u, n, c))),
+        ("gmqtt", GMQTT_CLIENT_ID, lambda u, n, c: asyncio.run(drain_gmqtt(u, n, c))),
         ("paho-mqtt", PAHO_CLIENT_ID, drain_paho),
-        ("aiomqtt", AIOMQTT_CLIENT_ID, lambda u, n, c: uvloop.run(drain_aiomqtt(u, n, c))),
+        ("aiomqtt", AIOMQTT_CLIENT_ID, lambda u, n, c: asyncio.run(drain_aiomqtt(u, n, c))),
     ]  # fmt: skip
 
 

@@ -255,7 +255,7 @@ class _Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A stream transport (uvloop's is not a subclass of asyncio.Transport).
+        # A stream transport (not necessarily a subclass of asyncio.Transport: uvloop's).
         self.transport = cast(asyncio.Transport, transport)
         self._last_received = self.loop.time()
         self.transport.write(self.source._connect_packet())
