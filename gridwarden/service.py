@@ -125,6 +125,7 @@ class IngestShards:
         shard_map = ingest.shards
         rules = RulesService(
             self.settings, self.pool, ingest.directory.lookup, devices=ingest.directory.ids,
+            devices_version=lambda: ingest.directory.version,
             ruleset=self.ruleset,
             owns=None if shard_map is None else lambda source: shard_map.of_source(source) == shard,
         )  # fmt: skip

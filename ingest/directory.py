@@ -33,6 +33,7 @@ class DeviceDirectory:
         self._last_refresh = 0.0
         self._refresh_min_interval_s = refresh_min_interval_s
         self.unknown_seen = False
+        self.version = 0  # bumped by every refresh that loaded a change
 
     def lookup(self, device_id: str) -> DeviceInfo | None:
         device = self.devices.get(device_id)
@@ -70,6 +71,8 @@ class DeviceDirectory:
             self.devices[device.id] = device
             self._watermark = row["updated_at"]
         self._summary = summary  # taken before the fetch: a later change differs from it
+        if rows:
+            self.version += 1
         self._last_refresh = time.monotonic()
         self.unknown_seen = False
         return len(rows)

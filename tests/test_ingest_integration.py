@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 
-from ingest import metrics
+from gridwarden.db import create_pool
+from ingest import consumer, metrics
+from ingest.consumer import IngestService, LastSeen
 from ingest.directory import REFRESH_MIN_INTERVAL_S
 from tests.ingest_helpers import (
     TEST_DEVICES,
@@ -144,6 +149,60 @@ async def test_last_seen_is_flushed_without_a_write_per_message(
             lambda r: r is not None and r["last_seq"] == 19 and r["status"] == "offline",
         )
     assert row["last_seen"] is not None
+
+
+class _FailingExecute:
+    """The pool, with `execute` calls recorded (their device-id arrays) and the call
+    numbered `fail_on` raising as if the database went away."""
+
+    def __init__(self, pool: asyncpg.Pool, fail_on: int | None = None) -> None:
+        self.pool = pool
+        self.fail_on = fail_on
+        self.chunks: list[list[str]] = []
+
+    async def execute(self, sql: str, ids: list[str], *args: Any) -> str:
+        self.chunks.append(ids)
+        if len(self.chunks) == self.fail_on:
+            raise OSError("connection lost")
+        return await self.pool.execute(sql, ids, *args)
+
+
+async def test_last_seen_is_written_in_sorted_chunks_and_what_failed_is_kept(
+    database_url, mqtt_url, topic_prefix, monkeypatch: pytest.MonkeyPatch
+):
+    """One statement per LAST_SEEN_CHUNK devices (one for 100,000 held the event loop for
+    60-240 ms); a chunk that fails keeps its devices and the later ones for the next flush."""
+    await register_devices(database_url, TEST_DEVICES)
+    monkeypatch.setattr(consumer, "LAST_SEEN_CHUNK", 2)
+    settings = settings_for(database_url, mqtt_url, topic_prefix)
+    pool = await create_pool(database_url)
+    try:
+        service = IngestService(settings, pool, mqtt_url)
+        at = datetime.now(UTC).replace(microsecond=0)
+        ids = ["smoke-2", "door-1", "bin-1", "cover-1", "smoke-1"]
+        seen = {d: LastSeen(at + timedelta(seconds=i), i) for i, d in enumerate(ids)}
+        service._last_seen = dict(seen)
+        failing = _FailingExecute(pool, fail_on=2)
+        service.pool = failing  # type: ignore[assignment]
+        with pytest.raises(OSError, match="connection lost"):
+            await service.flush_last_seen()
+        assert failing.chunks == [["door-1", "smoke-2"], ["bin-1", "cover-1"]]
+        assert service._last_seen == {d: seen[d] for d in ["bin-1", "cover-1", "smoke-1"]}
+        stored = await fetch(database_url, "SELECT device_id FROM device_last_seen")
+        assert sorted(r["device_id"] for r in stored) == ["door-1", "smoke-2"]
+
+        working = _FailingExecute(pool)
+        service.pool = working  # type: ignore[assignment]
+        await service.flush_last_seen()
+        assert working.chunks == [["bin-1", "cover-1"], ["smoke-1"]]
+        assert service._last_seen == {}
+        stored = await fetch(database_url, "SELECT device_id, last_seen, last_seq "
+                                           "FROM device_last_seen")  # fmt: skip
+        assert {r["device_id"]: (r["last_seen"], r["last_seq"]) for r in stored} == {
+            d: (s.last_seen, s.last_seq) for d, s in seen.items()
+        }
+    finally:
+        await pool.close()
 
 
 async def _last_seen(database_url: str, device_id: str) -> asyncpg.Record | None:

@@ -14,6 +14,8 @@ from gridwarden.config import Settings
 from gridwarden.db import create_pool
 from gridwarden.readings import Reading
 from ingest.consumer import IngestService
+from ingest.directory import DeviceDirectory
+from rules import runtime
 from rules.engine import AlarmOp
 from rules.runtime import EVALUATE_SLICE, RulesService
 from rules.store import apply_op, apply_ops, queue_cases
@@ -347,3 +349,81 @@ async def test_a_bulk_batch_gives_no_turns_away_while_an_alarm_event_waits_for_t
         await pool.close()
     assert alone >= 4  # a turn between each two slices
     assert while_waited_for == 0
+
+
+async def test_the_grid_is_read_again_only_when_a_cell_changed(
+    database_url, mqtt_url, topic_prefix, monkeypatch
+):
+    """A refresh re-reads the cells table only when a cell was added or imported again
+    (rebuilding the grid every refresh held the event loop 20-60 ms at city size)."""
+    await register(database_url, [("bin-7", "smart_bin", 900, None)])
+    reads = 0
+    read_cells = runtime.CellLocator.from_db
+
+    async def counting(conn: asyncpg.Connection) -> runtime.CellLocator:
+        nonlocal reads
+        reads += 1
+        return await read_cells(conn)
+
+    monkeypatch.setattr(runtime.CellLocator, "from_db", counting)
+    settings = settings_for(database_url, mqtt_url, topic_prefix)
+    pool = await create_pool(database_url)
+    try:
+        rules = RulesService(settings, pool, lambda device_id: None)
+        await rules.refresh(pool)
+        await rules.refresh(pool)
+        assert (reads, rules.cells_of("g1.a")) == (1, ("g1.a",))  # unknown yet: itself
+        await pool.execute(
+            "INSERT INTO cells (id, name, level, parent_id, geometry, min_lon, min_lat,"
+            " max_lon, max_lat) VALUES ('g1.a', 'a', 'micro', 'g1', $1::jsonb, 120, 29, 121, 30)",
+            SQUARE,
+        )
+        await rules.refresh(pool)
+        assert (reads, rules.cells_of("g1.a")) == (2, ("g1.a", "g1"))
+        # Imported again under a new parent: updated_at moves, so the grid is read again.
+        await pool.execute(
+            "INSERT INTO cells (id, name, level, geometry, min_lon, min_lat, max_lon, max_lat)"
+            " VALUES ('g2', '第2网格', 'street', $1::jsonb, 120, 29, 121, 30)",
+            SQUARE,
+        )
+        await rules.refresh(pool)
+        await pool.execute(
+            "UPDATE cells SET parent_id = 'g2', updated_at = now() WHERE id = 'g1.a'"
+        )
+        await rules.refresh(pool)
+        await rules.refresh(pool)
+        assert (reads, rules.cells_of("g1.a")) == (4, ("g1.a", "g2"))
+    finally:
+        await pool.close()
+
+
+async def test_devices_registered_later_are_watched_and_an_unchanged_list_is_not_gone_through(
+    database_url, mqtt_url, topic_prefix
+):
+    """A device imported while the service runs is watched for silence from the next
+    refresh; while the directory did not change, a refresh does not go through its
+    devices (8-16 ms of one callback at 100,000)."""
+    await register(database_url, [("bin-7", "smart_bin", 900, None)])
+    settings = settings_for(database_url, mqtt_url, topic_prefix)
+    pool = await create_pool(database_url)
+    try:
+        directory = DeviceDirectory(refresh_min_interval_s=0)
+        await directory.refresh(pool)
+        listed = 0
+
+        def device_ids() -> list[str]:
+            nonlocal listed
+            listed += 1
+            return directory.ids()
+
+        rules = RulesService(settings, pool, directory.lookup, devices=device_ids,
+                             devices_version=lambda: directory.version)  # fmt: skip
+        await rules.refresh(pool)
+        await rules.refresh(pool)
+        assert (listed, sorted(rules.engine.heard)) == (1, ["bin-7"])
+        await register(database_url, [("bin-8", "smart_bin", 900, None)])
+        await directory.refresh(pool)
+        await rules.refresh(pool)
+        assert (listed, sorted(rules.engine.heard)) == (2, ["bin-7", "bin-8"])
+    finally:
+        await pool.close()

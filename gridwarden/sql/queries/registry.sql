@@ -10,6 +10,12 @@ SELECT pg_advisory_xact_lock(hashtext('gridwarden.registry'));
 SELECT id, name, level, parent_id, geometry::text AS geometry
 FROM cells ORDER BY id;
 
+-- name: registry_cells_version
+-- Changes whenever a cell is added or imported again (the upsert sets updated_at; cells
+-- are never deleted): the rules service re-reads the grid only then.
+SELECT count(*) || ':' || coalesce(md5(string_agg(id || '@' || updated_at::text, ',' ORDER BY id)), '')
+FROM cells;
+
 -- name: registry_cell_levels
 SELECT id, level FROM cells;
 
