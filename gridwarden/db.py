@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from functools import cache
 from importlib import resources
+from typing import Any
 
 import asyncpg
 
@@ -43,9 +44,28 @@ def query(name: str) -> str:
 COMMAND_TIMEOUT_S = 30.0
 
 
+# Giving a connection back waits this long at most (and then closes it): for the answer
+# to the cancellation of a statement that timed out, and for the reset.
+RELEASE_TIMEOUT_S = 5.0
+
+
+class _Pool(asyncpg.Pool):  # type: ignore[misc]  # asyncpg ships no type hints
+    """A pool that gives connections back with a timeout when the caller names none
+    (`async with pool.acquire()`, `Pool.execute`, `fetch`…). Without one, a connection
+    whose statement timed out waits for its cancellation to be answered (asyncpg pool.py,
+    `_wait_for_cancellation(None)`): for ever on a half-open connection, and the task that
+    used it with it. With one, the connection is closed and the task goes on."""
+
+    async def release(self, connection: Any, *, timeout: float | None = None) -> None:  # noqa: ASYNC109 (asyncpg's signature)
+        await super().release(connection, timeout=RELEASE_TIMEOUT_S if timeout is None else timeout)
+
+
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, command_timeout=COMMAND_TIMEOUT_S
-    )
-    assert pool is not None
+    # What asyncpg.create_pool does, with our class: it takes no pool class.
+    pool = _Pool(
+        dsn, min_size=min_size, max_size=max_size, command_timeout=COMMAND_TIMEOUT_S,
+        max_queries=50_000, max_inactive_connection_lifetime=300.0, setup=None, init=None,
+        loop=None, connection_class=asyncpg.Connection, record_class=asyncpg.Record,
+    )  # fmt: skip
+    await pool
     return pool

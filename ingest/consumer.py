@@ -314,7 +314,7 @@ class IngestService:
             pass  # written again one message at a time by `_commit`, the culprit dead-lettered
         elif isinstance(error, _UNAVAILABLE):
             metrics.DB_ERRORS.inc()
-            log.warning("batch write failed (%s); writing it and %d more again", error, len(after))
+            log.warning("batch write failed (%r); writing it and %d more again", error, len(after))
         else:
             raise error  # a bug of ours, not a fault of the data or the database
         for in_flight in (failed, *after):
@@ -339,7 +339,7 @@ class IngestService:
                     )
                     last_prune = time.monotonic()
             except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("ingest maintenance failed, will retry: %s", exc)
+                log.warning("ingest maintenance failed, will retry: %r", exc)
 
     # -- one batch -------------------------------------------------------------------
     async def _decode(self, lane: Lane, batch: list[RawMessage]) -> Decoded:
@@ -463,7 +463,7 @@ class IngestService:
                 raise _DataRefused(str(exc)) from exc
             except _UNAVAILABLE as exc:
                 metrics.DB_ERRORS.inc()
-                log.warning("database unavailable (%s); retrying in %.1fs", exc, delay)
+                log.warning("database unavailable (%r); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
 

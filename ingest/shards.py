@@ -201,7 +201,7 @@ class ShardOwner:
                     )
                     self.owned[shard] = (shard_stop, task)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            log.warning("ingest shards: lock connection lost (%s); will retake ours", exc)
+            log.warning("ingest shards: lock connection lost (%r); will retake ours", exc)
             if self._conn is not None:
                 self._stale_pid = self._conn.get_server_pid()
                 self._conn.terminate()
