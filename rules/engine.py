@@ -368,15 +368,15 @@ class Engine:
             plan = self._plan(device)
             if plan.absence is not None and not replay_rates:
                 self._heard_again(evaluation, plan.absence, device, reading.received_at)
-            for rule, momentary, fields in plan.evaluated:
-                if replay_rates and not isinstance(rule.when, RateOfRise):
+            for step in plan.evaluated:
+                if replay_rates and not step.rate:
                     continue
-                if rule.unless and any(matches(c, reading) is True for c in rule.unless):
+                if step.unless and any(unless(reading) is True for unless in step.unless):
                     continue  # suppressed, e.g. a self-test
-                if momentary:
-                    self._momentary(evaluation, rule, fields, device, reading, at)
+                if step.momentary:
+                    self._momentary(evaluation, step, device, reading, at)
                 else:
-                    self._stateful(evaluation, rule, fields, device, reading, at)
+                    self._stateful(evaluation, step, device, reading, at)
 
     def _op(
         self,
@@ -419,14 +419,10 @@ class Engine:
         return details
 
     def _momentary(
-        self,
-        evaluation: Evaluation,
-        rule: Rule,
-        fields: tuple[str, ...],
-        device: DeviceInfo,
-        reading: Reading,
+        self, evaluation: Evaluation, step: _Step, device: DeviceInfo, reading: Reading,
         at: datetime,
-    ) -> None:
+    ) -> None:  # fmt: skip
+        rule, fields = step.rule, step.fields
         key = (device.id, rule.id)
         when = rule.when
         triggered = False
@@ -436,11 +432,8 @@ class Engine:
             if raw is None or isinstance(raw, bool):
                 return
             value = float(raw)
-        elif isinstance(when, CountInWindow):
-            if matches(when.count, reading) is not True:
-                return
-        elif matches(when, reading) is not True:  # type: ignore[arg-type]
-            return  # an event rule and another reading: nothing to do
+        elif step.holds is not None and step.holds(reading) is not True:
+            return  # an event rule and another reading, or not counted: nothing to do
         t = _ts(at)
         state = self._get(evaluation, key)
         details = self._reading_details(fields, reading)
@@ -467,24 +460,22 @@ class Engine:
                   rebuildable="samples" if isinstance(when, RateOfRise) else None)  # fmt: skip
 
     def _stateful(
-        self,
-        evaluation: Evaluation,
-        rule: Rule,
-        fields: tuple[str, ...],
-        device: DeviceInfo,
-        reading: Reading,
+        self, evaluation: Evaluation, step: _Step, device: DeviceInfo, reading: Reading,
         at: datetime,
-    ) -> None:
+    ) -> None:  # fmt: skip
+        rule, fields = step.rule, step.fields
         key = (device.id, rule.id)
-        holds = matches(rule.when, reading)  # type: ignore[arg-type]
+        assert step.holds is not None
+        assert step.still is not None
+        holds = step.holds(reading)
         if holds is not True and not self._peek(evaluation, key):
             return  # not firing, nothing pending: the usual reading changes nothing
         t = _ts(at)
         state = self._get(evaluation, key)
-        if rule.clear is not None:
-            clears = matches(rule.clear, reading)
+        if step.clears is not None:
+            clears = step.clears(reading)
         else:
-            still = matches(rule.when, reading, for_clear=True)  # type: ignore[arg-type]
+            still = step.still(reading)
             clears = None if still is None else not still
         details = self._reading_details(fields, reading)
         if not state.get("firing"):
@@ -710,21 +701,51 @@ def _detail_fields(rule: Rule) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class _Step:
+    """One rule as readings are matched against it, its conditions compiled once (looking
+    each up per reading cost more than asking it)."""
+
+    rule: Rule
+    momentary: bool
+    fields: tuple[str, ...]  # shown with its alarm
+    rate: bool  # rate of rise: replayed from stored readings after a restart
+    unless: tuple[Matcher, ...]
+    holds: Matcher | None  # when it fires (what it counts); None: rate of rise
+    still: Matcher | None  # stateful: whether the firing condition still holds
+    clears: Matcher | None  # stateful, with a clear condition of its own
+
+    @classmethod
+    def of(cls, rule: Rule) -> _Step:
+        when = rule.when
+        holds: Matcher | None = None  # rate of rise
+        if isinstance(when, CountInWindow):
+            holds = _matcher(when.count, False)
+        elif not isinstance(when, RateOfRise):
+            assert not isinstance(when, Absence | Correlation)  # not evaluated per reading
+            holds = _matcher(when, False)
+        stateful = not rule.momentary and holds is not None
+        return cls(
+            rule, rule.momentary, _detail_fields(rule), isinstance(when, RateOfRise),
+            tuple(_matcher(c, False) for c in rule.unless), holds,
+            _matcher(when, True) if stateful else None,  # type: ignore[arg-type]
+            _matcher(rule.clear, False) if stateful and rule.clear is not None else None,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class _Plan:
     """A device's rules sorted for evaluation: its absence rule (fed by every message),
-    and the rules readings are matched against, each (rule, momentary, detail fields).
-    Correlations are left out: the ops of the rule they correlate drive them."""
+    and the rules readings are matched against. Correlations are left out: the ops of the
+    rule they correlate drive them."""
 
     rules: list[Rule]
     absence: Rule | None
-    evaluated: tuple[tuple[Rule, bool, tuple[str, ...]], ...]
+    evaluated: tuple[_Step, ...]
 
     @classmethod
     def of(cls, rules: list[Rule]) -> _Plan:
         absence = next((r for r in rules if isinstance(r.when, Absence)), None)
         evaluated = tuple(
-            (rule, rule.momentary, _detail_fields(rule))
-            for rule in rules
-            if not isinstance(rule.when, Absence | Correlation)
+            _Step.of(rule) for rule in rules if not isinstance(rule.when, Absence | Correlation)
         )
         return cls(rules, absence, evaluated)
