@@ -128,8 +128,10 @@ class Settings(BaseSettings):
     broker_pid_file: Path | None = Field(
         default=None, description="the broker's pid file: SIGHUP after the files change"
     )
-    credential_hash_key: str = Field(
-        default="gridwarden-dev-key", description="key for hashing card numbers; set in production"
+    credential_hash_key: str | None = Field(
+        default=None,
+        description="key for hashing card and phone numbers; unset: a random one, made once "
+        "and kept in the database (gridwarden/keys.py)",
     )
     # Web consoles: the city's time zone for display (times in the API stay UTC), the
     # lifetime of a browser session, and the limit on failed logins per client address.

@@ -49,6 +49,7 @@ import orjson
 
 from gridwarden.config import Settings
 from gridwarden.db import query
+from gridwarden.keys import credential_hash_key
 from ingest import metrics
 from ingest.decode import DeadLetter, Decoded, Decoder, RawMessage, Reading, credential_key
 from ingest.directory import DeviceDirectory
@@ -139,7 +140,8 @@ class IngestService:
         self.decoder = Decoder(
             prefix=settings.topic_prefix,
             max_payload_bytes=settings.max_payload_bytes,
-            credential_key=credential_key(settings.credential_hash_key),
+            # Unset: the database's, read when the ingest starts (`run`).
+            credential_key=credential_key(settings.credential_hash_key or b""),
             lookup_device=self.directory.lookup,
             rate_per_s=settings.device_rate_per_s,
             rate_burst=settings.device_rate_burst,
@@ -184,6 +186,8 @@ class IngestService:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then finish what was handed over and return."""
         await self.directory.refresh(self.pool)
+        key = await credential_hash_key(self.pool, self.settings)
+        self.decoder.credential_key = credential_key(key)
         for lane in self.lanes:
             lane.source.start()
         try:

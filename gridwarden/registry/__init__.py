@@ -11,6 +11,7 @@ import asyncpg
 
 from gridwarden import audit
 from gridwarden.config import Settings
+from gridwarden.keys import credential_hash_key
 from gridwarden.registry.common import ID_PATTERN, ImportReport, RegistryError
 from gridwarden.registry.devices import (
     DEVICE_KINDS,
@@ -103,7 +104,8 @@ async def import_file(
             elif kind == "devices":
                 report = await import_devices(conn, path)
             else:
-                report = await import_workers(conn, path, hash_key=settings.credential_hash_key)
+                hash_key = await credential_hash_key(conn, settings)
+                report = await import_workers(conn, path, hash_key=hash_key)
             counts = {"created": report.created, "updated": report.updated,
                       "unchanged": report.unchanged, "warnings": len(report.warnings)}  # fmt: skip
             await audit.record(conn, actor=actor, action="registry.import", target_type=kind,

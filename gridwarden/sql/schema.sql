@@ -416,3 +416,9 @@ CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log
     FOR EACH ROW EXECUTE FUNCTION audit_log_append_only();
 CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only();
+
+CREATE TABLE service_keys (
+    name        text PRIMARY KEY,
+    value       text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
