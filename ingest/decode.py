@@ -5,7 +5,9 @@ operators can count and filter them (`GET /api/dead-letters?reason=`): `bad_topi
 `bad_device_id`, `oversized`, `unknown_device`, `rate_limited` (a registered device over
 its token bucket, `RateLimiter`), `not_utf8`, `not_json`, `not_object`, `wrong_type`,
 `out_of_range`, `missing_field`, `unknown_event`, `bad_timestamp`, `bad_status`,
-`device_mismatch`, `unknown_codec`, `codec_error`; the consumer adds `storage_rejected`.
+`device_mismatch`, `unknown_codec`, `codec_error`, `storage_rejected` (an extra field nested
+deeper than can be written back); the consumer adds `storage_rejected` for what the database
+itself refuses.
 """
 
 from __future__ import annotations
@@ -281,6 +283,14 @@ class Decoder:
             if key in fields and key not in _COMMON_KEYS and fields[key] is not None
         }
         extra = dict(model.model_extra) if model.model_extra else None
+        if extra is not None:
+            # orjson reads 1,024 levels of nesting but writes only 254: found here, such a
+            # message is one dead letter; found by the writer, its whole batch was written
+            # again message by message to find it (a hostile device's cheap slowdown).
+            try:
+                orjson.dumps(extra)
+            except orjson.JSONEncodeError as exc:
+                raise BadInput("storage_rejected", f"cannot be stored: {exc}") from None
         reading = Reading(
             channel=channel,
             device_id=device.id,

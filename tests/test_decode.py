@@ -73,7 +73,13 @@ BAD_INPUT = [
         '{"seq": 1' + "0" * 40 + "}",
         "wrong_type",
     ),  # beyond 64 bits: a float
-]
+    # An extra field nested deeper than the 254 levels orjson writes back: refused here, not
+    # by the writer (which would write its whole batch again, message by message).
+    ("gw/dev/bin-1/telemetry", '{"fill": 5, "x": ' + "[" * 300 + "]" * 300 + "}",
+     "storage_rejected"),
+    ("gw/dev/door-1/event", '{"event": "door_opened", "x": ' + "[" * 300 + "]" * 300 + "}",
+     "storage_rejected"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("topic", "payload", "reason"), BAD_INPUT)
@@ -85,6 +91,14 @@ def test_bad_input_is_dead_lettered_with_its_reason(topic: str, payload: object,
     assert letter.detail
     assert letter.topic == topic
     assert letter.payload  # the raw bytes are kept
+
+
+def test_an_extra_field_nested_as_deep_as_can_be_written_is_kept():
+    out = decode("gw/dev/bin-1/telemetry", '{"fill": 5, "x": ' + "[" * 250 + "]" * 250 + "}")
+    assert [d.reason for d in out.dead_letters] == []
+    (reading,) = out.readings
+    assert reading.extra is not None
+    assert orjson.dumps(reading.extra).count(b"[") == 250
 
 
 def test_oversized_payload_is_refused_before_parsing():

@@ -13,6 +13,7 @@ import pytest
 from gridwarden.db import create_pool
 from ingest import consumer, metrics
 from ingest.consumer import IngestService, LastSeen
+from ingest.decode import RawMessage
 from ingest.directory import REFRESH_MIN_INTERVAL_S
 from tests.ingest_helpers import (
     TEST_DEVICES,
@@ -283,3 +284,33 @@ async def test_decoding_again_for_a_new_device_does_not_charge_the_others_twice(
         await asyncio.sleep(0.3)
     assert [r["reason"] for r in await fetch(database_url, "SELECT reason FROM dead_letters")] == []
     assert await fetchval(database_url, "SELECT count(*) FROM telemetry") == 6
+
+
+async def test_a_message_too_deep_to_store_does_not_make_its_batch_go_one_by_one(
+    database_url, mqtt_url, topic_prefix, monkeypatch: pytest.MonkeyPatch
+):
+    """Found by the writer, one reading nested too deeply to write back rolled its whole
+    batch back and had it written again message by message (a device could slow the
+    ingest down at will); refused when decoded, the batch commits at once."""
+    await register_devices(database_url, TEST_DEVICES)
+    settings = settings_for(database_url, mqtt_url, topic_prefix)
+    pool = await create_pool(database_url)
+    try:
+        service = IngestService(settings, pool, mqtt_url)
+        await service.directory.refresh(pool)
+
+        async def one_by_one(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("the batch was written again message by message")
+
+        monkeypatch.setattr(service, "_commit_one_by_one", one_by_one)
+        now = datetime.now(UTC)
+        topic = f"{topic_prefix}/dev/bin-1/telemetry"
+        hostile = b'{"seq": 50, "fill": 5, "x": ' + b"[" * 300 + b"]" * 300 + b"}"
+        batch = [RawMessage(topic, orjson.dumps({"seq": n, "fill": 5}), now) for n in range(50)]
+        batch.insert(25, RawMessage(topic, hostile, now))
+        result = await service._commit(service.decode(batch))
+        letters = await fetch(database_url, "SELECT reason, payload FROM dead_letters")
+    finally:
+        await pool.close()
+    assert result.telemetry_rows == 50
+    assert [(r["reason"], r["payload"]) for r in letters] == [("storage_rejected", hostile)]
