@@ -1,19 +1,31 @@
-"""The (device_id, seq) claim of `ingest.writer`, straight against PostgreSQL: the
-optimistic COPY and the fallback that sorts repeats out."""
+"""The (device_id, seq) claim of `ingest.writer`, straight against PostgreSQL, both ways:
+a large batch's optimistic COPY and the fallback that sorts repeats out, and a small
+batch's one statement (every test runs both ways)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
+import pytest
 
 from gridwarden.readings import Reading
+from ingest import writer
 from ingest.decode import Decoded
-from ingest.writer import write_batch
+from ingest.writer import SMALL_BATCH, write_batch
 from tests.ingest_helpers import TEST_DEVICES, register_devices
 
 NOW = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
 WINDOW_S = 3600.0
+
+
+@pytest.fixture(autouse=True, params=["copy", "statement"])
+def claim_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`copy`: every batch is a large one (SMALL_BATCH 0); `statement`: as it is."""
+    if request.param == "copy":
+        monkeypatch.setattr(writer, "SMALL_BATCH", 0)
+    return str(request.param)
 
 
 def reading(seq: int, received_at: datetime = NOW) -> Reading:
@@ -62,3 +74,41 @@ async def test_a_sequence_seen_before_the_window_counts_as_new(database_url: str
     await write(database_url, [reading(7, long_ago)])
     assert await write(database_url, [reading(7), reading(8)]) == ([7, 8], 0)
     assert await stored_seqs(database_url) == [7, 7, 8]
+
+
+async def test_a_small_batch_of_events_is_written_without_copy(
+    database_url: str, claim_by: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The event lane's batches: the claim and the rows in one statement each (COPY costs
+    two round trips, and the claim's a savepoint around it); a large batch keeps COPY."""
+    await register_devices(database_url, TEST_DEVICES)
+    copies: list[str] = []
+    copy = asyncpg.Connection.copy_records_to_table
+
+    async def counting(self: asyncpg.Connection, table: str, **kwargs: Any) -> str:
+        copies.append(table)
+        return await copy(self, table, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", counting)
+
+    def event(seq: int) -> Reading:
+        alarm = Reading("event", "smoke-1", NOW, NOW, seq, {})
+        alarm.event = "alarm"
+        return alarm
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        small = await write_batch(conn, Decoded(readings=[event(1), event(2), event(1)]), WINDOW_S)
+        again = await write_batch(conn, Decoded(readings=[event(2), event(3)]), WINDOW_S)
+        small_copies = list(copies)
+        large = [event(n) for n in range(10, 11 + SMALL_BATCH)]
+        await write_batch(conn, Decoded(readings=large), WINDOW_S)
+        stored = [r["seq"] for r in await conn.fetch("SELECT seq FROM device_events ORDER BY seq")]
+    finally:
+        await conn.close()
+    assert ([r.seq for r in small.stored], small.duplicates) == ([1, 2], 1)
+    assert ([r.seq for r in again.stored], again.duplicates) == ([3], 1)
+    assert stored == [1, 2, 3, *range(10, 11 + SMALL_BATCH)]
+    if claim_by == "statement":
+        assert small_copies == []
+    assert copies[len(small_copies) :] == ["telemetry_dedup", "device_events"]

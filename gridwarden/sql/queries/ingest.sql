@@ -7,6 +7,12 @@ ON CONFLICT (device_id, seq) DO UPDATE SET received_at = EXCLUDED.received_at
     WHERE d.received_at < EXCLUDED.received_at - make_interval(secs => $4::float8)
 RETURNING device_id, seq;
 
+-- name: insert_events
+-- A small batch's events in one statement (two round trips fewer than COPY).
+INSERT INTO device_events (time, device_id, seq, received_at, event, credential_hash, data)
+SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::bigint[], $4::timestamptz[],
+                     $5::text[], $6::text[], $7::jsonb[]);
+
 -- name: flush_last_seen
 INSERT INTO device_last_seen AS s (device_id, last_seen, last_seq, status, status_at)
 SELECT l.device_id, l.last_seen, l.last_seq, l.status, l.status_at
