@@ -162,6 +162,7 @@ async def run_service(
     from alerting.pages import attach_pages
     from alerting.sla import sla_task
     from gridwarden.clock import SystemClock
+    from gridwarden.loop_lag import measure_loop_lag
     from ingest.api import router as ingest_router
     from ingest.shards import ShardOwner
 
@@ -213,6 +214,7 @@ async def run_service(
             else:
                 app = create_app(state)  # health, readiness and metrics only
             supervisor.add("http", http_task(app, sock))
+            supervisor.add("loop-lag", measure_loop_lag)
             for name, make in (extra_tasks or {}).items():
                 supervisor.add(name, make(pool))
             # The long-lived state is loaded (device directory, rule plans): keep the

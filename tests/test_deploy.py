@@ -80,6 +80,7 @@ WATCHED = (
     "gridwarden_sla_overdue_cases",
     "gridwarden_web_logins_total",
     "gridwarden_web_bearer_failures_total",
+    "gridwarden_event_loop_lag_seconds",
 )
 MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
 
