@@ -175,6 +175,7 @@ BACKLOG_MAX: Final = 600_000
 WARMUP_S: Final = 2.0
 PROBE_RATE: Final = 20.0  # alarm probes per second, all kinds together
 POLL_S: Final = 0.01
+LOOP_LAG_BUCKET: Final = "gridwarden_event_loop_lag_seconds_bucket"  # gridwarden/loop_lag.py
 GRID_SIDE: Final = 4  # 4 × 4 grids, 2 × 2 grids per community
 ORIGIN: Final = (120.000, 30.000)
 GRID_DEG: Final = 0.01
@@ -614,6 +615,16 @@ class Service:
                 return float(line.split()[-1])
         return 0.0
 
+    def loop_lag_buckets(self) -> dict[float, float]:
+        """The service's event-loop lag histogram: cumulative count by bucket bound (s)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        buckets: dict[float, float] = {}
+        for line in text.splitlines():
+            if line.startswith(LOOP_LAG_BUCKET + "{"):
+                bound = line.split('le="', 1)[1].split('"', 1)[0]
+                buckets[float(bound)] = float(line.split()[-1])
+        return buckets
+
     def stop(self) -> int:
         self.vm_hwm_kb()
         if self.proc.poll() is None:
@@ -653,6 +664,22 @@ class ServiceGroup:
 
     def stop(self) -> int:
         return max(service.stop() for service in self.services)
+
+
+def lag_quantile_ms(
+    before: dict[float, float], after: dict[float, float], q: float
+) -> float | None:
+    """The q-quantile of the event-loop lag observed between two scrapes, as the upper
+    bound of its histogram bucket in ms (the largest finite bound when it lies beyond it);
+    None when nothing was observed."""
+    counts = sorted((bound, after[bound] - before.get(bound, 0.0)) for bound in after)
+    if not counts or counts[-1][1] <= 0:
+        return None
+    largest = max(bound for bound, _ in counts if math.isfinite(bound))
+    for bound, count in counts:
+        if count >= q * counts[-1][1]:
+            return round(1000 * (bound if math.isfinite(bound) else largest), 1)
+    return None
 
 
 def start_service(
@@ -1055,19 +1082,25 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
             wait_quiet(service, progress, "latency")
             progress(f"latency: load at {half:,.0f} msg/s (half of ingest), {per_kind} alarm "
                      f"events and {per_kind} alarm readings as probes")  # fmt: skip
+            lag = service.loop_lag_buckets()
             half_res = asyncio.run(latency_phase(
                 mqtt_url, dsn, config, rate=half,
                 probes={EVENT: half_event, TELEMETRY: half_telemetry},
                 seq_base=10**12, grace_s=30.0, progress=progress, label="half",
             ))  # fmt: skip
+            out["event_loop_lag_ms_p99"] = lag_quantile_ms(lag, service.loop_lag_buckets(), 0.99)
             service.vm_hwm_kb()
             wait_quiet(service, progress, "saturated")
             progress(f"saturated: load as fast as possible, {len(saturated_event)} alarm events")
+            lag = service.loop_lag_buckets()
             sat_res = asyncio.run(latency_phase(
                 mqtt_url, dsn, config, rate=0.0, probes={EVENT: saturated_event},
                 seq_base=2 * 10**12, grace_s=max(60.0, 4 * config.duration),
                 progress=progress, label="saturated",
             ))  # fmt: skip
+            out["event_loop_lag_ms_p99_saturated"] = lag_quantile_ms(
+                lag, service.loop_lag_buckets(), 0.99
+            )
             _note_persistence(out, persistence, "broker_persistence_mb_saturated")
         finally:
             rss.append(service.stop())

@@ -28,6 +28,7 @@ from device_sim.load import (
     kind_of,
     probe_pool,
 )
+from gridwarden.bench import lag_quantile_ms
 
 REQUIRED = (
     "baseline_aiomqtt_msgs_per_s", "baseline_fastest_msgs_per_s", "ingest_msgs_per_s",
@@ -46,7 +47,7 @@ POSITIVE = (
     "case_notify_latency_ms_p99_saturated", "case_notify_latency_telemetry_ms_p99",
     "backlog_publish_msgs_per_s", "half_rate_sent_msgs_per_s", "saturated_sent_msgs_per_s",
     "saturated_acked_msgs_per_s", "latency_probes", "latency_probes_telemetry",
-    "latency_probes_saturated",
+    "latency_probes_saturated", "event_loop_lag_ms_p99", "event_loop_lag_ms_p99_saturated",
 )  # fmt: skip
 SCALING_SIZES = (150,)  # one size: CI time (the real run registers 1k, 10k, 100k, 1M)
 
@@ -112,6 +113,20 @@ def test_ack_stream_is_split_into_whole_packets() -> None:
 
 
 @pytest.mark.timeout(330)
+def test_the_loop_lag_quantile_is_read_from_the_histogram_between_two_scrapes() -> None:
+    inf = float("inf")
+    before = {0.001: 10.0, 0.01: 10.0, 0.1: 10.0, inf: 10.0}
+    # 100 observations between the scrapes: 97 under 1 ms, 2 under 10 ms, 1 under 100 ms.
+    after = {0.001: 107.0, 0.01: 109.0, 0.1: 110.0, inf: 110.0}
+    assert lag_quantile_ms(before, after, 0.5) == 1.0
+    assert lag_quantile_ms(before, after, 0.99) == 10.0
+    assert lag_quantile_ms(before, after, 1.0) == 100.0
+    beyond = {0.001: 10.0, 0.01: 10.0, 0.1: 10.0, inf: 12.0}  # two over the largest bound
+    assert lag_quantile_ms(before, beyond, 0.99) == 100.0
+    assert lag_quantile_ms(before, before, 0.99) is None  # nothing observed
+    assert lag_quantile_ms({}, {}, 0.99) is None
+
+
 def test_bench_json_has_every_figure() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "gridwarden", "bench", "--devices", "200", "--duration", "1.5",
