@@ -105,12 +105,12 @@ class _InFlight:
     task: asyncio.Task[WriteResult]
 
 
-@dataclass
-class LastSeen:
-    last_seen: datetime
-    last_seq: int | None = None
-    status: str | None = None
-    status_at: datetime | None = None
+# A device's last message and status until the next flush: (last seen, last seq, status,
+# status at). A plain tuple of atoms, replaced on each update: the garbage collector stops
+# tracking it after one look (it does not for objects, nor for tuple subclasses). As a
+# mutable dataclass, the 25,000-45,000 of a flush period were a third of every young
+# collection, one of 56-92 ms every few seconds at 100,000 devices.
+LastSeen = tuple[datetime, int | None, str | None, datetime | None]
 
 
 class IngestService:
@@ -477,17 +477,19 @@ class IngestService:
         metrics.DUPLICATES.inc(result.duplicates)
         for letter in decoded.dead_letters:
             metrics.DEAD_LETTERS.labels(letter.reason).inc()
+        last_seen = self._last_seen
         for reading in decoded.readings:
-            seen = self._last_seen.get(reading.device_id)
+            seen = last_seen.get(reading.device_id)
             if seen is None:
-                self._last_seen[reading.device_id] = LastSeen(reading.received_at, reading.seq)
-            elif reading.received_at >= seen.last_seen:
-                seen.last_seen = reading.received_at
-                seen.last_seq = reading.seq if reading.seq is not None else seen.last_seq
+                last_seen[reading.device_id] = (reading.received_at, reading.seq, None, None)
+            elif reading.received_at >= seen[0]:
+                seq = reading.seq if reading.seq is not None else seen[1]
+                last_seen[reading.device_id] = (reading.received_at, seq, seen[2], seen[3])
         for status in decoded.statuses:
-            seen = self._last_seen.setdefault(status.device_id, LastSeen(status.received_at))
-            seen.last_seen = max(seen.last_seen, status.received_at)
-            seen.status, seen.status_at = status.status, status.received_at
+            at, seq, _, _ = last_seen.get(status.device_id, (status.received_at, None, None, None))
+            last_seen[status.device_id] = (
+                max(at, status.received_at), seq, status.status, status.received_at,
+            )  # fmt: skip
         metrics.STORED.labels("device_status").inc(len(decoded.statuses))
 
     async def flush_last_seen(self) -> None:
@@ -501,16 +503,12 @@ class IngestService:
         ids = list(pending)
         for start in range(0, len(ids), LAST_SEEN_CHUNK):
             chunk = sorted(ids[start : start + LAST_SEEN_CHUNK])
-            seen = [pending[device_id] for device_id in chunk]
+            at, seq, status, status_at = zip(*(pending[d] for d in chunk), strict=True)
             try:
                 await self.pool.execute(
-                    query("flush_last_seen"),
-                    chunk,
-                    [s.last_seen for s in seen],
-                    [s.last_seq for s in seen],
-                    [s.status for s in seen],
-                    [s.status_at for s in seen],
-                )
+                    query("flush_last_seen"), chunk, list(at), list(seq), list(status),
+                    list(status_at),
+                )  # fmt: skip
             except BaseException:
                 # Keep what is not written yet for the next flush (newer entries win).
                 for device_id in ids[start:]:

@@ -7,6 +7,8 @@ GW_SLOW_CALLBACKS=15   log every event-loop callback that ran longer than 15 ms,
                        the culprit): slow-callbacks.<pid>
 GW_TASK_DUMP=1         on SIGUSR1, write the stack of every asyncio task: tasks.<pid>
                        (where a stalled service waits)
+GW_GC_PAUSES=10        log every garbage collection that took longer than 10 ms, with its
+                       generation and what it collected: gc-pauses.<pid>
 
     PYTHONPATH=scripts/loop_trace GW_SLOW_CALLBACKS=15 .venv/bin/gridwarden bench --json
 
@@ -77,7 +79,28 @@ def _dump_tasks_on_sigusr1() -> None:
     signal.signal(signal.SIGUSR1, dump)
 
 
+def _trace_gc_pauses(threshold_ms: float) -> None:
+    import gc
+
+    out = (HERE / f"gc-pauses.{os.getpid()}").open("a")
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        took_ms = (time.perf_counter() - started[0]) * 1000
+        if took_ms > threshold_ms:
+            out.write(f"{time.time():.3f} {took_ms:.1f}ms gen{info['generation']} "
+                      f"collected={info['collected']}\n")  # fmt: skip
+            out.flush()
+
+    gc.callbacks.append(callback)
+
+
 if "up" in sys.argv[1:2] or sys.argv[-1:] == ["up"]:
+    if os.environ.get("GW_GC_PAUSES"):
+        _trace_gc_pauses(float(os.environ["GW_GC_PAUSES"]))
     if os.environ.get("GW_SLOW_CALLBACKS"):
         _trace_slow_callbacks(float(os.environ["GW_SLOW_CALLBACKS"]))
     if os.environ.get("GW_TASK_DUMP"):
