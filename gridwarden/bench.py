@@ -608,18 +608,20 @@ class Service:
         fields = stat[stat.rindex(")") + 2 :].split()
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
+    def metrics(self) -> list[str]:
+        """The lines of the service's /metrics."""
+        return httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines()
+
     def stored(self) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        for line in text.splitlines():
+        for line in self.metrics():
             if line.startswith('gridwarden_ingest_stored_total{table="telemetry"}'):
                 return float(line.split()[-1])
         return 0.0
 
     def loop_lag_buckets(self) -> dict[float, float]:
         """The service's event-loop lag histogram: cumulative count by bucket bound (s)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
         buckets: dict[float, float] = {}
-        for line in text.splitlines():
+        for line in self.metrics():
             if line.startswith(LOOP_LAG_BUCKET + "{"):
                 bound = line.split('le="', 1)[1].split('"', 1)[0]
                 buckets[float(bound)] = float(line.split()[-1])
@@ -652,8 +654,7 @@ class ServiceGroup:
     def shards_owned(self) -> list[int]:
         owned = []
         for service in self.services:
-            text = httpx.get(f"{service.url}/metrics", timeout=10).text
-            value = next((line.split()[-1] for line in text.splitlines()
+            value = next((line.split()[-1] for line in service.metrics()
                           if line.startswith("gridwarden_ingest_shards_owned ")), "0")  # fmt: skip
             owned.append(int(float(value)))
         return owned
@@ -675,11 +676,11 @@ def lag_quantile_ms(
     counts = sorted((bound, after[bound] - before.get(bound, 0.0)) for bound in after)
     if not counts or counts[-1][1] <= 0:
         return None
-    largest = max(bound for bound, _ in counts if math.isfinite(bound))
-    for bound, count in counts:
-        if count >= q * counts[-1][1]:
-            return round(1000 * (bound if math.isfinite(bound) else largest), 1)
-    return None
+    # The last bucket (+Inf) holds every observation, so one always qualifies.
+    bound = next(bound for bound, count in counts if count >= q * counts[-1][1])
+    if not math.isfinite(bound):
+        bound = max(b for b, _ in counts if math.isfinite(b))
+    return round(1000 * bound, 1)
 
 
 def start_service(

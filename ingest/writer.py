@@ -108,7 +108,7 @@ async def claim_new(
         if reading.seq is not None:
             first_of_key.setdefault((reading.device_id, reading.seq), reading)
     claimed: set[tuple[str, int]] = set()
-    if first_of_key and len(first_of_key) <= SMALL_BATCH:
+    if first_of_key and len(readings) <= SMALL_BATCH:
         claimed = await _claim_by_statement(conn, first_of_key, dedup_window_s)
     elif first_of_key:
         keys = list(first_of_key)
