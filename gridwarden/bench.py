@@ -92,19 +92,19 @@ queued messages; each still orjson-parses every message and acknowledges it at Q
   handler, a Task per message: ~38,000.
 * **Our receiver** (`ingest.mqtt_source.MqttSource` used bare: take batches of 2000,
   parse, ack the batch in one write) with the service's Receive Maximum of 8000.
-* **The broker.** The embedded Mosquitto saves its whole persistence file every second
-  (`autosave_interval 1`), blocking while it writes. Five sessions holding a 400k backlog
-  make a 115-135 MB file that takes about a second to save, so the saves run nearly back to
-  back and the broker serves its clients between them; a consumer with a large window
-  hardly notices (the window is refilled on every pass), one with Mosquitto's default
-  window of 1000 (MQTT 3.1.1, or v5 without Receive Maximum) got 1000 messages per save
-  once the file was large. `broker_persistence_mb_max` is the largest file size seen
-  before a baseline (`broker_persistence_mb_saturated`: after the saturated load, whose
-  surplus queues up for the service's bulk session; the event lane's deliveries have to
-  wait out the same saves, a likely part of its saturated latency, not measured apart).
-  It shrinks only a little as drained sessions are deleted (the
-  messages stay stored for the service's session), so the order of the baselines hardly
-  matters; the fastest go first.
+* **The broker.** Mosquitto 2.0 writes its whole persistence file at every save, serving
+  no client meanwhile. Five sessions holding a 400k backlog make a 115-135 MB file that
+  takes about a second to save; with Mosquitto's `autosave_interval 1` the saves ran back to
+  back, and under the saturated load an alarm event waited for them in the broker (publish
+  → received p99 1.0-1.2 s, against 65-120 ms with saves 30 s apart). The embedded broker's
+  saves are now paced by their cost (`gridwarden.broker_autosave`: every second while cheap,
+  at most 2 % of the broker's time, at least every 60 s); `broker_saves` and
+  `broker_save_ms_max` (and `_saturated`) report them in each latency phase: an alarm
+  published during a long save waits for it. `broker_persistence_mb_max` is the largest
+  file size seen before a baseline (`broker_persistence_mb_saturated`: after the saturated
+  load, whose surplus queues up for the service's bulk session). It shrinks only a little
+  as drained sessions are deleted (the messages stay stored for the service's session), so
+  the order of the baselines hardly matters; the fastest go first.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ from device_sim.load import (
 from ingest.mqtt_source import MqttSource
 
 if TYPE_CHECKING:
-    from gridwarden.embedded import EmbeddedPostgres
+    from gridwarden.embedded import EmbeddedMosquitto, EmbeddedPostgres
 
 PREFIX: Final = "gw"
 TOPICS: Final = (f"{PREFIX}/dev/+/+", f"{PREFIX}/codec/+/+")
@@ -933,7 +933,7 @@ async def _received_at(
 @contextlib.contextmanager
 def _services(
     progress: Callable[[str], None],
-) -> Iterator[tuple[EmbeddedPostgres, str, str, Path]]:
+) -> Iterator[tuple[EmbeddedPostgres, EmbeddedMosquitto, str, str, Path]]:
     from gridwarden.embedded import EmbeddedMosquitto, EmbeddedPostgres
 
     root = Path(tempfile.mkdtemp(prefix="gridwarden-bench-"))
@@ -944,7 +944,7 @@ def _services(
         progress("starting PostgreSQL and Mosquitto")
         dsn = postgres.start()
         url = mosquitto.start()
-        yield postgres, dsn, url, root
+        yield postgres, mosquitto, dsn, url, root
     finally:
         with contextlib.suppress(Exception):
             mosquitto.stop()
@@ -1003,10 +1003,23 @@ def _latency_keys(out: dict[str, Any], half: LatencyResult, sat: LatencyResult) 
 def _note_persistence(
     out: dict[str, Any], path: Path, key: str = "broker_persistence_mb_max"
 ) -> None:
-    """The largest size seen of the broker's persistence file (saved every second)."""
+    """The largest size seen of the broker's persistence file."""
     with contextlib.suppress(OSError):
         size = round(path.stat().st_size / 2**20, 1)
         out[key] = max(out.get(key, 0.0), size)
+
+
+def _note_saves(
+    out: dict[str, Any], broker: EmbeddedMosquitto, since: float, phase: str,
+    progress: Callable[[str], None],
+) -> None:  # fmt: skip
+    """The broker's persistence saves during a latency phase: it serves no client while it
+    saves, so an alarm published meanwhile waits for the save."""
+    saves = broker.autosave.stats.between(since, time.monotonic())
+    out[f"broker_saves{phase}"] = len(saves)
+    out[f"broker_save_ms_max{phase}"] = round(max((t for _, t in saves), default=0) * 1000, 1)
+    timeline = ", ".join(f"{at - since:.1f} s: {took * 1000:,.0f} ms" for at, took in saves)
+    progress(f"broker saves during the phase (since its start: how long): {timeline or 'none'}")
 
 
 def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
@@ -1016,7 +1029,7 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
     t_start = time.monotonic()
     out: dict[str, Any] = {"devices": config.devices, "duration_s": config.duration}
     backlog = int(min(max(config.duration * BACKLOG_RATE_GUESS, BACKLOG_MIN), BACKLOG_MAX))
-    with _services(progress) as (postgres, dsn, mqtt_url, root):
+    with _services(progress) as (postgres, mosquitto, dsn, mqtt_url, root):
         asyncio.run(migrate(dsn))
         t = time.monotonic()
         workers = asyncio.run(_seed(dsn, config.devices))
@@ -1083,17 +1096,18 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
             wait_quiet(service, progress, "latency")
             progress(f"latency: load at {half:,.0f} msg/s (half of ingest), {per_kind} alarm "
                      f"events and {per_kind} alarm readings as probes")  # fmt: skip
-            lag = service.loop_lag_buckets()
+            lag, half_started = service.loop_lag_buckets(), time.monotonic()
             half_res = asyncio.run(latency_phase(
                 mqtt_url, dsn, config, rate=half,
                 probes={EVENT: half_event, TELEMETRY: half_telemetry},
                 seq_base=10**12, grace_s=30.0, progress=progress, label="half",
             ))  # fmt: skip
             out["event_loop_lag_ms_p99"] = lag_quantile_ms(lag, service.loop_lag_buckets(), 0.99)
+            _note_saves(out, mosquitto, half_started, "", progress)
             service.vm_hwm_kb()
             wait_quiet(service, progress, "saturated")
             progress(f"saturated: load as fast as possible, {len(saturated_event)} alarm events")
-            lag = service.loop_lag_buckets()
+            lag, sat_started = service.loop_lag_buckets(), time.monotonic()
             sat_res = asyncio.run(latency_phase(
                 mqtt_url, dsn, config, rate=0.0, probes={EVENT: saturated_event},
                 seq_base=2 * 10**12, grace_s=max(60.0, 4 * config.duration),
@@ -1103,6 +1117,7 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
                 lag, service.loop_lag_buckets(), 0.99
             )
             _note_persistence(out, persistence, "broker_persistence_mb_saturated")
+            _note_saves(out, mosquitto, sat_started, "_saturated", progress)
         finally:
             rss.append(service.stop())
         drop_service_sessions(mqtt_url)

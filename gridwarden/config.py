@@ -128,6 +128,12 @@ class Settings(BaseSettings):
     broker_pid_file: Path | None = Field(
         default=None, description="the broker's pid file: SIGHUP after the files change"
     )
+    broker_persistence_file: Path | None = Field(
+        default=None,
+        description="Mosquitto's persistence file: with broker_pid_file, ask for its saves "
+        "(SIGUSR1) as often as they are cheap (gridwarden/broker_autosave.py); unset: the "
+        "broker's own autosave_interval (the embedded broker's are paced, always)",
+    )
     credential_hash_key: str | None = Field(
         default=None,
         description="key for hashing card and phone numbers; unset: a random one, made once "

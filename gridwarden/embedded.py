@@ -12,6 +12,7 @@ the data dir so the next start finds the same data again:
     DATA_DIR/mosquitto/
         mosquitto.conf        generated on every start
         mosquitto.db          persistence: sessions, subscriptions, queued QoS 1/2 messages
+        autosave.lock         held by the process pacing its saves (gridwarden.broker_autosave)
         mosquitto.log, port, pid
 
 Both listen on 127.0.0.1 only, on a free port chosen once and recorded (never the machine's
@@ -49,6 +50,7 @@ from gridwarden.broker_auth import (
     new_password,
 )
 from gridwarden.broker_auth import service_account as broker_service_account
+from gridwarden.broker_autosave import LOCK_FILE, AutosavePacer, read_pid
 
 if TYPE_CHECKING:
     from gridwarden.config import Settings
@@ -79,7 +81,8 @@ MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto",)
 SERVICE_USERNAME = "service/gridwarden"  # the embedded broker's account for the service
 MOSQUITTO_START_TIMEOUT_S = 15.0
 MOSQUITTO_STOP_TIMEOUT_S = 30.0
-MOSQUITTO_AUTOSAVE_INTERVAL_S = 1
+# The broker's own save timer: only for while no AutosavePacer runs (gridwarden.broker_autosave).
+MOSQUITTO_AUTOSAVE_BACKSTOP_S = 300
 MOSQUITTO_MAX_QUEUED_MESSAGES = 1_000_000
 MOSQUITTO_MAX_INFLIGHT_MESSAGES = 1000
 # Whole packet (header + topic + payload). Bigger than the largest payload the service accepts
@@ -87,6 +90,7 @@ MOSQUITTO_MAX_INFLIGHT_MESSAGES = 1000
 # dead-lettered with a reason instead of the broker silently cutting the sender off.
 MOSQUITTO_MAX_PACKET_BYTES = 2 * 1024 * 1024
 MOSQUITTO_PERSISTENT_CLIENT_EXPIRATION = "30d"
+PERSISTENCE_FILE = "mosquitto.db"
 
 PORT_ATTEMPTS = 3
 POLL_INTERVAL_S = 0.05
@@ -224,14 +228,6 @@ def _choose_port(port_file: Path, account: ServiceAccount, exclude: Sequence[int
         port = free_port(exclude)
     _write_file(port_file, f"{port}\n", account, mode=0o644)
     return port
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        first = path.read_text(encoding="utf-8").split("\n", 1)[0].strip()
-        return int(first) if first else None
-    except (OSError, ValueError):
-        return None
 
 
 def pid_exists(pid: int) -> bool:
@@ -375,7 +371,7 @@ class EmbeddedPostgres:
 
     def running_pid(self) -> int | None:
         """The postmaster's pid when our cluster is up (postmaster.pid alone proves nothing)."""
-        pid = _read_pid(self.pgdata / "postmaster.pid")
+        pid = read_pid(self.pgdata / "postmaster.pid")
         if pid is None or not pid_running(pid):
             return None
         if not Path("/proc/self/cwd").exists():
@@ -518,7 +514,7 @@ class EmbeddedPostgres:
             return
         # The unix socket's lock file holds the same pid and is checked the same way.
         for lock in [self.pgdata / "postmaster.pid", *self.home.glob(".s.PGSQL.*.lock")]:
-            pid = _read_pid(lock)
+            pid = read_pid(lock)
             if pid is not None and pid_exists(pid):
                 log.warning("removing stale %s (pid %s is not our postmaster)", lock, pid)
                 lock.unlink(missing_ok=True)
@@ -659,6 +655,9 @@ class EmbeddedMosquitto:
         self._account = account
         self._process: subprocess.Popen[bytes] | None = None
         self.port: int | None = None
+        self.autosave = AutosavePacer(
+            self.home / PERSISTENCE_FILE, self.pid_file.parent / LOCK_FILE, self.running_pid
+        )
 
     @property
     def account(self) -> ServiceAccount:
@@ -717,7 +716,7 @@ class EmbeddedMosquitto:
 
     def running_pid(self) -> int | None:
         """The pid of our broker (started by us, or left over by an earlier run)."""
-        pid = _read_pid(self.pid_file)
+        pid = read_pid(self.pid_file)
         if pid is None or not pid_running(pid):
             return None
         try:
@@ -739,6 +738,7 @@ class EmbeddedMosquitto:
         ):
             self.port = recorded
             log.info("reusing the running embedded Mosquitto (pid %s) on %s", pid, recorded)
+            self.autosave.start()
             return self.url
         if pid is not None:
             self._terminate(pid)
@@ -758,6 +758,7 @@ class EmbeddedMosquitto:
                 self.port = port
                 _write_file(self.pid_file, f"{process.pid}\n", self.account, mode=0o644)
                 log.info("embedded Mosquitto listening on %s:%s", LOOPBACK, port)
+                self.autosave.start()
                 return self.url
             if process.poll() is None:
                 process.kill()
@@ -773,6 +774,7 @@ class EmbeddedMosquitto:
 
     def stop(self) -> None:
         """SIGTERM (mosquitto writes its persistence file on the way out) and wait."""
+        self.autosave.stop()
         pid = self.running_pid()
         if pid is not None:
             self._terminate(pid)
@@ -781,6 +783,7 @@ class EmbeddedMosquitto:
 
     def kill(self) -> None:
         """SIGKILL (fault tests): what was not autosaved yet is lost."""
+        self.autosave.stop()
         pid = self.running_pid()
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
@@ -873,11 +876,12 @@ listener {port} {LOOPBACK}
 {auth}set_tcp_nodelay true
 {self._tls_listener()}
 # Persistent sessions, subscriptions and queued QoS 1/2 messages survive a restart: written on
-# SIGTERM, and every {MOSQUITTO_AUTOSAVE_INTERVAL_S}s so a kill -9 loses at most that much.
+# SIGTERM, and whenever gridwarden asks (SIGUSR1: every second while that is cheap, spaced out
+# while the file is large; gridwarden/broker_autosave.py). This timer is only a backstop.
 persistence true
 persistence_location {home}/
-persistence_file mosquitto.db
-autosave_interval {MOSQUITTO_AUTOSAVE_INTERVAL_S}
+persistence_file {PERSISTENCE_FILE}
+autosave_interval {MOSQUITTO_AUTOSAVE_BACKSTOP_S}
 autosave_on_changes false
 persistent_client_expiration {MOSQUITTO_PERSISTENT_CLIENT_EXPIRATION}
 

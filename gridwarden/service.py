@@ -15,6 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from gridwarden.broker_auth import BrokerFiles, broker_auth_task
+from gridwarden.broker_autosave import autosave_task
 from gridwarden.config import Settings
 from gridwarden.db import create_pool
 from gridwarden.migrate import migrate
@@ -201,6 +202,11 @@ async def run_service(
                 files = BrokerFiles(settings.broker_auth_dir, pid_file=settings.broker_pid_file)
                 prefix = settings.topic_prefix
                 supervisor.add("broker-auth", broker_auth_task(pool, files, prefix, mqtt_url))
+            if settings.broker_persistence_file is not None and settings.broker_pid_file:
+                supervisor.add(
+                    "broker-autosave",
+                    autosave_task(settings.broker_persistence_file, settings.broker_pid_file),
+                )
             state = AppState(pool, readiness=readiness, web=WebConfig.from_settings(settings))
             if "api" in roles:
                 app = create_app(

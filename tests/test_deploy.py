@@ -40,6 +40,7 @@ import pytest
 import yaml
 
 from gridwarden.broker_auth import BrokerAccount, BrokerFiles, hash_password
+from gridwarden.broker_autosave import autosave_task
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -287,6 +288,10 @@ def test_broker_files_and_pid_file_meet_where_each_side_expects_them(resolved):
     assert Path(_mount(broker, "broker-run")) / pid_file.name == broker_pid
     assert gridwarden["pid"] == "service:mosquitto"  # the pid means the broker here too
     assert Path(_mount(broker, "mosquitto-data")) == Path(options["persistence_location"])
+    # The service paces the broker's saves: it sees the file the broker writes (read-only).
+    persistence = Path(env["GRIDWARDEN_BROKER_PERSISTENCE_FILE"])
+    assert Path(_mount(gridwarden, "mosquitto-data")) / options["persistence_file"] == persistence
+    assert int(options["autosave_interval"]) >= 60  # only a backstop
     command = " ".join(init["command"])
     assert "gridwarden migrate" in command
     assert f"credentials write-broker-files {_mount(init, 'broker-auth')}" in command
@@ -582,6 +587,19 @@ def _connect(port: int, username: str | None, password: str | None) -> int:
 
 
 @pytest.mark.skipif(not MOSQUITTO.exists(), reason="Debian's mosquitto is not installed")
+async def _pace_until_saved(saved: Path, pid_file: Path) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(autosave_task(saved, pid_file)(stop))
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not await asyncio.to_thread(saved.exists):
+            assert time.monotonic() < deadline, "no save after SIGUSR1"
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await task
+
+
 def test_mosquitto_runs_the_shipped_config_with_authentication(broker_dir):
     options = _conf(MOSQUITTO_CONF)
     port = free_port()
@@ -632,6 +650,11 @@ def test_mosquitto_runs_the_shipped_config_with_authentication(broker_dir):
         probe = _compose_healthcheck("mosquitto").replace("-p 1883", f"-p {port}")
         if shutil.which("mosquitto_sub"):
             assert subprocess.run(["sh", "-c", probe], timeout=WAIT_S, check=False).returncode == 0
+        # Its saves, asked for by the service's task through the pid file (the shared pid
+        # namespace in compose): the persistence file appears long before the 300 s backstop.
+        saved = broker_dir / "data" / options["persistence_file"]
+        assert not saved.exists()
+        asyncio.run(_pace_until_saved(saved, broker_dir / "run" / "mosquitto.pid"))
         assert process.poll() is None
     finally:
         process.terminate()

@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +24,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 import gridwarden.embedded as embedded
+from gridwarden import broker_autosave
+from gridwarden.broker_autosave import AutosavePacer, autosave_task, next_delay
 from gridwarden.config import Settings
 from gridwarden.embedded import (
     EmbeddedMosquitto,
@@ -292,7 +295,8 @@ async def test_a_message_autosaved_before_a_broker_sigkill_survives(services_roo
             async with _persistent_subscriber(port, identifier, v311) as subscriber:
                 await subscriber.subscribe(topic, qos=1)
             await _publish_while_offline(port, topic, b"autosaved")
-        await asyncio.sleep(embedded.MOSQUITTO_AUTOSAVE_INTERVAL_S * 2.5)
+        # The broker's own timer is 300 s away: this save is the pacer's.
+        await asyncio.sleep(broker_autosave.MIN_INTERVAL_S * 2.5)
 
         broker.kill()
         assert broker.running_pid() is None
@@ -302,6 +306,126 @@ async def test_a_message_autosaved_before_a_broker_sigkill_survives(services_roo
             async with asyncio.timeout(WAIT_S):
                 message = await anext(subscriber.messages)
         assert message.payload == b"autosaved"
+    finally:
+        broker.stop()
+
+
+def test_saves_are_spaced_by_what_they_cost() -> None:
+    pace = {"min_s": 1.0, "max_s": 60.0, "busy_share": 0.02}
+    assert next_delay(0.004, **pace) == 1.0  # cheap: every second
+    assert next_delay(0.5, **pace) == pytest.approx(24.5)  # 2 % of the broker's time
+    assert next_delay(5.0, **pace) == 60.0  # never further apart than this
+    # A backlog building up: saves 0.09 s longer per second (measured: 26, 145, 1,056 ms)
+    # make the next one later than its own cost says; draining, sooner.
+    assert next_delay(0.145, growth=0.09, **pace) == 60.0
+    assert next_delay(0.145, growth=0.01, **pace) == pytest.approx(49 * 0.145 / (1 - 0.49))
+    assert next_delay(0.5, growth=-0.05, **pace) == pytest.approx(49 * 0.5 / (1 + 2.45))
+
+
+def test_only_a_steady_rise_of_save_times_reads_as_growth(tmp_path: Path) -> None:
+    pacer = AutosavePacer(tmp_path / "db", tmp_path / "lock", lambda: None)
+    saves = pacer.stats.recent
+    saves.extend([(0.0, 0.002), (1.0, 0.026), (2.3, 0.145)])  # a backlog building up
+    assert pacer._growth() == pytest.approx(0.024)
+    saves.extend([(3.3, 0.002), (4.3, 0.002), (5.3, 0.050)])  # one slow save among cheap ones
+    assert pacer._growth() == 0.0
+    saves.append((6.3, 0.003))
+    assert pacer._growth() < 0
+
+
+def _own_pacer(broker: EmbeddedMosquitto, **pace: float) -> AutosavePacer:
+    return AutosavePacer(
+        broker.home / embedded.PERSISTENCE_FILE, broker.pid_file.parent / broker_autosave.LOCK_FILE,
+        broker.running_pid, **pace,
+    )  # fmt: skip
+
+
+def test_a_save_is_asked_for_and_timed_on_the_real_broker(services_root: Path) -> None:
+    broker = EmbeddedMosquitto(_fresh_dir(services_root), anonymous=True)
+    broker.start()
+    try:
+        broker.autosave.stop()
+        pacer = _own_pacer(broker)
+        saved = broker.home / embedded.PERSISTENCE_FILE
+        for _ in range(2):
+            before = saved.stat().st_ino if saved.exists() else None
+            took = pacer.save_once()
+            assert took is not None
+            assert 0 < took < 5
+            assert saved.stat().st_ino != before  # a new file renamed into place
+    finally:
+        broker.stop()
+
+
+def test_the_next_save_waits_in_proportion_to_the_last(services_root: Path) -> None:
+    broker = EmbeddedMosquitto(_fresh_dir(services_root), anonymous=True)
+    broker.start()
+    try:
+        broker.autosave.stop()
+        # A save of a few milliseconds, as if it may use only 0.5 % of the broker's time.
+        pacer = _own_pacer(broker, min_interval_s=0.02, max_interval_s=30, max_busy_share=0.005)
+        pacer.start()
+        deadline = time.monotonic() + WAIT_S
+        while pacer.stats.saves == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        stats = pacer.stats
+        assert stats.saves == 1
+        expected = next_delay(stats.last_took_s, min_s=0.02, max_s=30, busy_share=0.005)
+        assert stats.last_delay_s == pytest.approx(expected)
+        assert stats.last_delay_s >= 0.39  # 199 × at least one 2 ms poll
+        time.sleep(0.2)  # a fixed 20 ms interval would have saved about ten times by now
+        assert pacer.stats.saves == 1
+        pacer.stop()
+    finally:
+        broker.stop()
+
+
+def test_one_pacer_per_broker_and_the_next_takes_over(services_root: Path) -> None:
+    data_dir = _fresh_dir(services_root)
+    first = EmbeddedMosquitto(data_dir, anonymous=True)
+    first.start()
+    second = EmbeddedMosquitto(data_dir, anonymous=True)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not first.autosave.pacing and time.monotonic() < deadline:
+            time.sleep(0.01)  # its thread takes the lock first
+        second.start()  # reuses the running broker (e.g. `gridwarden migrate` while `up` runs)
+        time.sleep(broker_autosave.MIN_INTERVAL_S * 2.5)
+        assert first.autosave.pacing
+        assert first.autosave.stats.saves >= 1
+        assert not second.autosave.pacing
+        assert second.autosave.stats.saves == 0
+        first.autosave.stop()  # e.g. the process that started the broker is gone
+        deadline = time.monotonic() + WAIT_S
+        while second.autosave.stats.saves == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert second.autosave.pacing
+        assert second.autosave.stats.saves >= 1
+    finally:
+        second.stop()
+        first.stop()
+
+
+async def test_the_service_task_paces_a_broker_it_did_not_start(services_root: Path) -> None:
+    broker = EmbeddedMosquitto(_fresh_dir(services_root), anonymous=True)
+    broker.start()
+    try:
+        broker.autosave.stop()  # as if it were a broker of its own (deploy/: another container)
+        saved = broker.home / embedded.PERSISTENCE_FILE
+        seen: set[tuple[int, int]] = set()
+        stop = asyncio.Event()
+        task = asyncio.create_task(autosave_task(saved, broker.pid_file)(stop))
+        try:
+            deadline = time.monotonic() + broker_autosave.MIN_INTERVAL_S * 2.5
+            while time.monotonic() < deadline:
+                if saved.exists():
+                    st = saved.stat()
+                    seen.add((st.st_ino, st.st_mtime_ns))
+                await asyncio.sleep(0.02)
+        finally:
+            stop.set()
+            await task
+        assert len(seen) >= 2  # saved about every second
     finally:
         broker.stop()
 
