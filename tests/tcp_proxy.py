@@ -74,12 +74,16 @@ class TcpProxy:
         return len(self._pipes) // 2
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)  # a cut or stop while the upstream connects closes it too
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
             writer.close()
             return
-        self._writers |= {writer, up_writer}
+        if writer.is_closing():  # cut meanwhile: no pipes for it, nothing left open
+            up_writer.close()
+            return
+        self._writers.add(up_writer)
         upstream = self.upstream_filter() if self.upstream_filter else None
         pipes = ((reader, up_writer, upstream, 0.0),
                  (up_reader, writer, None, self.downstream_delay_s))  # fmt: skip
