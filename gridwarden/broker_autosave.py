@@ -53,7 +53,7 @@ def next_delay(
 ) -> float:
     """How long to wait after a save that took `took_s`, so that the next one takes at
     most `busy_share` of the time until it is done. `growth`: how much longer a save gets
-    per second of waiting (from the last two saves: a backlog building up or draining).
+    per second of waiting (a backlog building up, or draining: `AutosavePacer._growth`).
     The next save takes about took + growth × delay, so the delay d must satisfy
     d ≥ k (took + growth × d) with k = (1 - share) / share: without the growth term, a
     queue building up at 30,000 msg/s made each save ~4× as long as the last (26 ms,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import datetime
+from typing import TypeVar
 
 import asyncpg
 
@@ -18,6 +19,14 @@ from gridwarden.db import query
 from ingest.decode import DeviceInfo
 
 REFRESH_MIN_INTERVAL_S = 2.0
+PAGE_ROWS = 10_000  # devices read per statement
+
+
+_Text = TypeVar("_Text", str, None)
+
+
+def _one_copy(strings: dict[str, str], value: _Text) -> _Text:
+    return value if value is None else strings.setdefault(value, value)
 
 
 class DeviceDirectory:
@@ -25,8 +34,11 @@ class DeviceDirectory:
         self,
         refresh_min_interval_s: float = REFRESH_MIN_INTERVAL_S,
         on_change: Callable[[DeviceInfo | None, DeviceInfo], None] | None = None,
+        page_rows: int = PAGE_ROWS,
     ) -> None:
         self.devices: dict[str, DeviceInfo] = {}
+        self.page_rows = page_rows
+        self._shared_strings: dict[str, str] = {}
         self.on_change = on_change  # (before, after) of each device a refresh changed
         self._watermark: datetime | None = None
         self._summary: tuple[object, ...] = ()
@@ -55,24 +67,37 @@ class DeviceDirectory:
             self._last_refresh = time.monotonic()
             self.unknown_seen = False
             return 0
-        rows = await conn.fetch(query("devices_changed_since"), since)
         initial = self._watermark is None
-        for row in rows:
-            device = DeviceInfo(
-                id=row["id"],
-                kind=row["kind"],
-                cell_id=row["cell_id"],
-                height_cm=row["height_cm"],
-                interval_s=row["interval_s"],
-                building=row["building"],
-            )
-            if self.on_change is not None and not initial:  # changes, not the first load
-                self.on_change(self.devices.get(device.id), device)
-            self.devices[device.id] = device
-            self._watermark = row["updated_at"]
+        # Kinds, cells and buildings repeat across devices: one string each, not one per
+        # device (~120 bytes a device, 120 MB at a million).
+        strings = self._shared_strings
+        loaded = 0
+        after: tuple[datetime | None, str | None] = (None, None)
+        while True:
+            # In pages: one statement for a million devices outlasted the command timeout
+            # on a slow machine (the service then failed to start), and built all of them
+            # in one callback.
+            rows = await conn.fetch(query("devices_changed_since"), since, *after, self.page_rows)
+            for row in rows:
+                device = DeviceInfo(
+                    id=row["id"],
+                    kind=_one_copy(strings, row["kind"]),
+                    cell_id=_one_copy(strings, row["cell_id"]),
+                    height_cm=row["height_cm"],
+                    interval_s=row["interval_s"],
+                    building=_one_copy(strings, row["building"]),
+                )
+                if self.on_change is not None and not initial:  # changes, not the first load
+                    self.on_change(self.devices.get(device.id), device)
+                self.devices[device.id] = device
+                self._watermark = row["updated_at"]
+            loaded += len(rows)
+            if len(rows) < self.page_rows:
+                break
+            after = (rows[-1]["updated_at"], rows[-1]["id"])
         self._summary = summary  # taken before the fetch: a later change differs from it
-        if rows:
+        if loaded:
             self.version += 1
         self._last_refresh = time.monotonic()
         self.unknown_seen = False
-        return len(rows)
+        return loaded

@@ -57,3 +57,30 @@ async def test_changes_are_reported_but_not_the_first_load(database_url: str) ->
         assert all(new == "late-2" or old == new for old, new in changes)
     finally:
         await conn.close()
+
+
+async def test_a_refresh_reads_in_pages_through_devices_changed_together(
+    database_url: str,
+) -> None:
+    # An import writes its devices in one transaction, all with the same updated_at: the
+    # pages go by (updated_at, id), or a page boundary among them would skip or repeat some.
+    ids = [f"paged-{i:03}" for i in range(25)]
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            await conn.executemany(
+                "INSERT INTO devices (id, kind, lat, lon, cell_id, interval_s) "
+                "VALUES ($1, 'smart_bin', 29.08, 120.65, NULL, 60)",
+                [(device_id,) for device_id in ids],
+            )
+        directory = DeviceDirectory(page_rows=4)
+        assert await directory.refresh(conn) == len(ids)
+        assert sorted(directory.devices) == ids
+        first, second = directory.devices["paged-000"], directory.devices["paged-001"]
+        assert first.kind is second.kind  # one string for every device of a kind
+        await conn.execute("UPDATE devices SET interval_s = 90, updated_at = now() "
+                           "WHERE id = 'paged-007'")  # fmt: skip
+        assert await directory.refresh(conn) >= 1
+        assert directory.devices["paged-007"].interval_s == 90
+    finally:
+        await conn.close()

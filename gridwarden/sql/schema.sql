@@ -39,6 +39,7 @@ CREATE TABLE devices (
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX devices_cell_idx ON devices (cell_id);
+CREATE INDEX devices_updated_idx ON devices (updated_at, id);  -- the directory's refresh
 
 -- Updated by a periodic flush from memory, not per message; fillfactor leaves room
 -- for HOT updates.

@@ -9,6 +9,8 @@ GW_TASK_DUMP=1         on SIGUSR1, write the stack of every asyncio task: tasks.
                        (where a stalled service waits)
 GW_GC_PAUSES=10        log every garbage collection that took longer than 10 ms, with its
                        generation and what it collected: gc-pauses.<pid>
+GW_MEM_DUMP=1          with PYTHONTRACEMALLOC=1: on SIGUSR2, the 40 source lines holding the
+                       most memory, and the objects by type: memory.<pid>
 
     PYTHONPATH=scripts/loop_trace GW_SLOW_CALLBACKS=15 .venv/bin/gridwarden bench --json
 
@@ -98,7 +100,29 @@ def _trace_gc_pauses(threshold_ms: float) -> None:
     gc.callbacks.append(callback)
 
 
+def _dump_memory_on_sigusr2() -> None:
+    import collections
+    import gc
+    import signal
+    import tracemalloc
+
+    def dump(signum: int, frame: object) -> None:
+        with (HERE / f"memory.{os.getpid()}").open("a") as out:
+            out.write(f"==== {time.time():.3f}\n")
+            if tracemalloc.is_tracing():
+                snapshot = tracemalloc.take_snapshot()
+                for stat in snapshot.statistics("lineno")[:40]:
+                    out.write(f"{stat.size / 2**20:8.1f} MB {stat.count:9,} {stat.traceback}\n")
+            types = collections.Counter(type(o).__name__ for o in gc.get_objects())
+            out.write("tracked objects by type: " + ", ".join(
+                f"{name} {n:,}" for name, n in types.most_common(25)) + "\n")  # fmt: skip
+
+    signal.signal(signal.SIGUSR2, dump)
+
+
 if "up" in sys.argv[1:2] or sys.argv[-1:] == ["up"]:
+    if os.environ.get("GW_MEM_DUMP"):
+        _dump_memory_on_sigusr2()
     if os.environ.get("GW_GC_PAUSES"):
         _trace_gc_pauses(float(os.environ["GW_GC_PAUSES"]))
     if os.environ.get("GW_SLOW_CALLBACKS"):

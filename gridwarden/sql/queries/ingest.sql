@@ -39,10 +39,16 @@ SELECT count(*) AS n, max(updated_at) AS latest
 FROM devices WHERE updated_at > $1::timestamptz - INTERVAL '1 minute';
 
 -- name: devices_changed_since
--- The minute of overlap catches rows of an import transaction that started before
--- the previous refresh but committed after it.
+-- One page of them, after the page that ended at ($2, $3) (NULL: the first page), in
+-- (updated_at, id) order: a device changed again meanwhile moves to a later page. The
+-- minute of overlap catches rows of an import transaction that started before the
+-- previous refresh but committed after it.
 SELECT id, kind, cell_id, height_cm, interval_s, building, updated_at
-FROM devices WHERE updated_at > $1::timestamptz - INTERVAL '1 minute' ORDER BY updated_at;
+FROM devices
+WHERE updated_at > $1::timestamptz - INTERVAL '1 minute'
+  AND ($2::timestamptz IS NULL OR (updated_at, id) > ($2::timestamptz, $3::text))
+ORDER BY updated_at, id
+LIMIT $4;
 
 -- name: list_dead_letters
 SELECT id, received_at, topic, device_id, reason, detail, payload
