@@ -236,6 +236,9 @@ class RuleSet:
             self.rules[rule.id] = rule
             self.by_kind.setdefault(rule.kind, []).append(rule)
         self.overrides = list(overrides)
+        # Only these devices can have rules of their own; every other device's depend on
+        # its kind and cells alone (Engine._plan shares them).
+        self.named_devices = frozenset(d for o in self.overrides for d in o.devices)
         self.correlations: dict[str, list[Rule]] = {}
         for rule in self.rules.values():
             if isinstance(rule.when, Correlation):

@@ -476,3 +476,22 @@ def test_rule_models_are_frozen() -> None:
     with pytest.raises(ValueError, match="frozen"):
         FULL.severity = "major"  # type: ignore[misc]
     assert isinstance(load_rules().rules["bin.full"], Rule)
+
+
+def test_devices_no_override_names_share_their_cells_plan() -> None:
+    # One plan entry per (kind, cell) for the devices no override names, one of its own
+    # for a device an override names: 1,000 bins in one cell, one of them named.
+    named = Override.model_validate(
+        {"rule": "t.full", "devices": ["bin-7"], "set": {"severity": "major"}}
+    )
+    devices = {f"bin-{i}": DeviceInfo(f"bin-{i}", "smart_bin", cell_id="g1") for i in range(1000)}
+    harness = Harness(RuleSet([FULL], [named]), devices=devices, cells_of=cells_of)
+    steps = [(0, "reading", device_id, {"fill": 95}) for device_id in ("bin-6", "bin-7", "bin-8")]
+    steps += [(1, "reading", device_id, {"fill": 10}) for device_id in devices]
+    ops = harness.run(steps)
+    assert [op for op in ops if op[1] == "raise"] == [
+        (0, "raise", "bin-6", "t.full", "minor", 1),
+        (0, "raise", "bin-7", "t.full", "major", 1),  # its own override
+        (0, "raise", "bin-8", "t.full", "minor", 1),
+    ]
+    assert len(harness.engine._plans) == 2
