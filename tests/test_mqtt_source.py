@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -106,9 +106,9 @@ async def closed(*sources: MqttSource) -> None:
 
 
 @pytest.fixture
-def loop_errors() -> Iterator[list[dict[str, Any]]]:
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
     """What reaches the event loop's exception handler during the test (must stay empty)."""
-    loop = asyncio.get_event_loop()
+    loop = asyncio.get_running_loop()  # the tests' loop (not whatever get_event_loop finds)
     errors: list[dict[str, Any]] = []
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
