@@ -4,6 +4,7 @@ test takes the dependency away (refuse and cut connections) and brings it back."
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 
 from gridwarden.embedded import free_port
@@ -56,12 +57,15 @@ class TcpProxy:
     async def cut(self) -> None:
         """Cut the open connections (both ends see the close); new ones are accepted
         again while the proxy is started."""
-        for writer in self._writers:
+        closing = list(self._writers)
+        for writer in closing:
             writer.close()
-        for pipe in list(self._pipes):
+        pipes = list(self._pipes)
+        for pipe in pipes:
             pipe.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
-        self._writers.clear()
+        await asyncio.gather(*pipes, return_exceptions=True)
+        # Only what was closed: a connection accepted during the wait above is live.
+        self._writers.difference_update(closing)
 
     def blackhole(self) -> None:
         """From now on the open connections silently lose everything sent on them, in both
@@ -90,7 +94,9 @@ class TcpProxy:
         for source, sink, rewrite, delay_s in pipes:
             task = asyncio.create_task(self._pipe(source, sink, rewrite, delay_s))
             self._pipes.add(task)
-            task.add_done_callback(self._pipes.discard)
+            # Closed when the pipe ends, also when it is cancelled before it ever ran (its
+            # `finally` would not run then, and the transport would be left open).
+            task.add_done_callback(functools.partial(self._pipe_done, sink))
 
     async def _pipe(
         self,
@@ -110,9 +116,12 @@ class TcpProxy:
                 await sink.drain()
         except (OSError, asyncio.IncompleteReadError):
             pass
-        finally:
-            if me not in self._blackholed:
-                sink.close()
+
+    def _pipe_done(self, sink: asyncio.StreamWriter, task: asyncio.Task[None]) -> None:
+        self._pipes.discard(task)
+        if task not in self._blackholed:
+            sink.close()
+            self._writers.discard(sink)
 
 
 def drop_mqtt_packets(packet_type: int) -> Callable[[bytes], bytes]:
