@@ -66,12 +66,14 @@ def next_delay(
 
 @dataclass
 class AutosaveStats:
-    saves: int = 0
-    last_took_s: float = 0.0
-    max_took_s: float = 0.0
+    saves: int = 0  # paced (save_once called directly counts only in `recent`)
     last_delay_s: float = 0.0
     # (time.monotonic() when asked, seconds it took) of the latest saves
     recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=10_000))
+
+    @property
+    def last_took_s(self) -> float:
+        return self.recent[-1][1] if self.recent else 0.0
 
     def between(self, start: float, end: float) -> list[tuple[float, float]]:
         """The saves asked for in [start, end): (when, seconds it took)."""
@@ -164,10 +166,8 @@ class AutosavePacer:
                 max_s=self.max_interval_s,
                 busy_share=self.max_busy_share,
             )
-            stats = self.stats
-            stats.saves += 1
-            stats.last_took_s, stats.last_delay_s = took, delay
-            stats.max_took_s = max(stats.max_took_s, took)
+            self.stats.saves += 1
+            self.stats.last_delay_s = delay
             if took > SLOW_SAVE_S:
                 log.info(
                     "the embedded Mosquitto took %.1f s to save its persistence file; "
@@ -181,11 +181,11 @@ class AutosavePacer:
         recent = self.stats.recent
         if len(recent) < 3:
             return 0.0
-        rates = []
-        for (at_before, took_before), (at, took) in ((recent[-3], recent[-2]),
-                                                      (recent[-2], recent[-1])):  # fmt: skip
-            rates.append((took - took_before) / max(at - at_before, self.min_interval_s))
-        return min(rates)
+        (at1, took1), (at2, took2), (at3, took3) = recent[-3], recent[-2], recent[-1]
+        return min(
+            (took2 - took1) / max(at2 - at1, self.min_interval_s),
+            (took3 - took2) / max(at3 - at2, self.min_interval_s),
+        )
 
     def _take_lock(self) -> bool:
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)

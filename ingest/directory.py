@@ -90,11 +90,12 @@ class DeviceDirectory:
                 if self.on_change is not None and not initial:  # changes, not the first load
                     self.on_change(self.devices.get(device.id), device)
                 self.devices[device.id] = device
-                self._watermark = row["updated_at"]
             loaded += len(rows)
+            if rows:
+                after = (rows[-1]["updated_at"], rows[-1]["id"])
+                self._watermark = after[0]  # the pages come in updated_at order
             if len(rows) < self.page_rows:
                 break
-            after = (rows[-1]["updated_at"], rows[-1]["id"])
         self._summary = summary  # taken before the fetch: a later change differs from it
         if loaded:
             self.version += 1
