@@ -24,12 +24,20 @@ from typing import Any
 
 import annotated_types
 import orjson
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from ingest.codecs import CODECS
 from ingest.decode import Decoded, Decoder, DeviceInfo, RawMessage
-from ingest.models import BOOLEAN_FIELDS, EVENT_MODELS, NUMERIC_FIELDS, TELEMETRY_MODELS
+from ingest.models import (
+    BOOLEAN_FIELDS,
+    EVENT_MODELS,
+    EVENT_SCHEMAS,
+    NUMERIC_FIELDS,
+    TELEMETRY_MODELS,
+    TELEMETRY_SCHEMAS,
+)
 from ingest.writer import _event_record, _telemetry_record
 from tests.faults.harness import KNOWN_REASONS
 from tests.test_codecs import (
@@ -363,6 +371,50 @@ def _matches(reading: Any, expected: dict[str, Any]) -> None:
     assert reading.extra == expected["extra"]
     assert (reading.seq, reading.time, reading.event) == (
         expected["seq"], expected["time"], expected["event"])  # fmt: skip
+
+
+def _checked(validate: Any, document: Any) -> tuple[str, Any]:
+    try:
+        return "valid", validate(document)
+    except ValidationError as exc:
+        return "invalid", exc.errors(include_url=False)
+
+
+@settings(FUZZ, max_examples=400)
+@given(
+    document=st.one_of(
+        OBJECT,
+        EVENT_OBJECT,
+        valid_message("telemetry").map(lambda case: orjson.dumps(case[1]).decode()),
+    ),
+    kind=st.sampled_from(sorted(TELEMETRY_MODELS)),
+    channel=st.sampled_from(["telemetry", "event"]),
+)
+@example(document='{"credential": "' + "9" * 257 + '"}', kind="door_access", channel="event")
+def test_the_decoders_payload_schema_checks_exactly_what_the_model_does(
+    document: str, kind: str, channel: str
+):
+    """The hot path validates into a plain dict (`PayloadSchema`) instead of the model: for
+    any JSON object, the same verdict, the same errors, and the same fields and extras."""
+    try:
+        parsed = orjson.loads(document)
+    except orjson.JSONDecodeError:
+        return  # not JSON: refused before either is asked
+    model = (TELEMETRY_MODELS if channel == "telemetry" else EVENT_MODELS)[kind]
+    schema = (TELEMETRY_SCHEMAS if channel == "telemetry" else EVENT_SCHEMAS)[kind]
+    verdict, by_model = _checked(model.model_validate, parsed)
+    assert _checked(schema.validate, parsed)[0] == verdict
+    if verdict == "invalid":
+        assert _checked(schema.validate, parsed)[1] == by_model
+        return
+    fields = schema.validate(parsed)
+    declared = {k: v for k, v in fields.items() if k in schema.declared}
+    extra = {k: v for k, v in fields.items() if k not in schema.declared}
+    assert declared == {
+        k: getattr(by_model, k) for k in by_model.model_fields_set if k in model.model_fields
+    }
+    assert extra == (by_model.model_extra or {})
+    assert schema.declared == set(model.model_fields)
 
 
 @FUZZ
