@@ -104,8 +104,10 @@ async def claim_new(
     """Drop repeated (device_id, seq): within the batch here, across batches and
     restarts through the telemetry_dedup table. Readings without seq always pass."""
     first_of_key: dict[tuple[str, int], Reading] = {}
+    with_seq = 0
     for reading in readings:
         if reading.seq is not None:
+            with_seq += 1
             first_of_key.setdefault((reading.device_id, reading.seq), reading)
     claimed: set[tuple[str, int]] = set()
     if first_of_key and len(readings) <= SMALL_BATCH:
@@ -122,6 +124,8 @@ async def claim_new(
                     records=[(d, seq, first_of_key[(d, seq)].received_at) for d, seq in keys],
                     columns=DEDUP_COLUMNS,
                 )
+            if with_seq == len(first_of_key):
+                return list(readings), 0  # the usual batch: every key new, none repeated
             claimed = set(keys)
         except asyncpg.UniqueViolationError:
             claimed = await _claim_by_statement(conn, first_of_key, dedup_window_s)
