@@ -188,6 +188,7 @@ class Decoder:
         self.max_payload_bytes = max_payload_bytes
         self.credential_key = credential_key
         self.lookup_device = lookup_device
+        self._last_time: tuple[object, datetime | None, datetime] = (None, None, EARLIEST_VALID_TS)
         self.limiter: RateLimiter | None = None  # 0: no limit
         self.event_limiter: RateLimiter | None = None
         if rate_per_s > 0:
@@ -297,10 +298,17 @@ class Decoder:
                 orjson.dumps(extra)
             except orjson.JSONEncodeError as exc:
                 raise BadInput("storage_rejected", f"cannot be stored: {exc}") from None
+        ts, received_at = checked.get("ts"), message.received_at
+        last = self._last_time
+        if ts == last[0] and received_at is last[1]:
+            at = last[2]  # parse_ts is pure: the messages of one read often share their ts
+        else:
+            at = parse_ts(ts, received_at)
+            self._last_time = (ts, received_at, at)
         reading = Reading(
             channel=channel,
             device_id=device.id,
-            time=parse_ts(checked.get("ts"), message.received_at),
+            time=at,
             received_at=message.received_at,
             seq=checked.get("seq"),
             values=values,

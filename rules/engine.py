@@ -367,14 +367,20 @@ class Engine:
         """`evaluate` in parts (the caller may yield in between): every part of a batch
         into one `evaluation`, in order, then `finish` it once. `replay_rates`: only the
         rate-of-rise rules, and no last-heard times (`restore_samples`)."""
+        received_at: datetime | None = None
+        heard = 0.0
         for reading in readings:
             device = self.lookup_device(reading.device_id)
             if device is None:
                 continue
             at = min(reading.time, reading.received_at)
             if not replay_rates:
-                heard = _ts(reading.received_at)
-                evaluation.heard[device.id] = max(heard, evaluation.heard.get(device.id, heard))
+                if reading.received_at is not received_at:  # one per socket read, not message
+                    received_at = reading.received_at
+                    heard = _ts(received_at)
+                before = evaluation.heard.get(device.id)
+                if before is None or heard > before:
+                    evaluation.heard[device.id] = heard
             if self.muted(device, at):
                 continue
             plan = self._plan(device)

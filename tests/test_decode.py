@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
@@ -168,6 +168,25 @@ def test_credential_is_stored_only_as_a_keyed_hash():
 )
 def test_timestamps(ts: object, expected: datetime):
     assert parse_ts(ts, NOW) == expected  # type: ignore[arg-type]
+
+
+def test_one_decoder_times_each_message_by_its_own_ts_and_receive_time():
+    """The decoder reuses the last message's parsed ts when both match (messages of one
+    socket read share their receive time and often their ts): never across a change."""
+    later = NOW + timedelta(days=3)
+    sent = [(1795334340, NOW), (1795334340, NOW), (1795334400, NOW), (None, NOW),
+            (None, later), ("2026-11-22T07:59:00Z", NOW), (1795334340, later)]  # fmt: skip
+    one = decoder()
+    out = Decoded()
+    for seq, (ts, received_at) in enumerate(sent):
+        payload = orjson.dumps({"seq": seq, "smoke": 1.0, **({"ts": ts} if ts else {})})
+        one.decode(RawMessage("gw/dev/smoke-1/telemetry", payload, received_at), out)
+    assert [r.time for r in out.readings] == [parse_ts(ts, at) for ts, at in sent]
+    # A day ahead of its receive time is refused, even right after the same ts was not.
+    ahead = int((NOW + timedelta(days=2)).timestamp())
+    one.decode(RawMessage("gw/dev/smoke-1/telemetry", b'{"ts": %d}' % ahead, later), out)
+    one.decode(RawMessage("gw/dev/smoke-1/telemetry", b'{"ts": %d}' % ahead, NOW), out)
+    assert [d.reason for d in out.dead_letters] == ["bad_timestamp"]
 
 
 def test_status_messages():
