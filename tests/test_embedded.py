@@ -325,11 +325,22 @@ def test_saves_are_spaced_by_what_they_cost() -> None:
 def test_only_a_steady_rise_of_save_times_reads_as_growth(tmp_path: Path) -> None:
     pacer = AutosavePacer(tmp_path / "db", tmp_path / "lock", lambda: None)
     saves = pacer.stats.recent
-    saves.extend([(0.0, 0.002), (1.0, 0.026), (2.3, 0.145)])  # a backlog building up
-    assert pacer._growth() == pytest.approx(0.024)
-    saves.extend([(3.3, 0.002), (4.3, 0.002), (5.3, 0.050)])  # one slow save among cheap ones
+    saves.extend([(0.0, 0.002), (1.0, 0.012), (2.0, 0.030)])  # a backlog building up
+    assert pacer._growth() == pytest.approx(0.010)
+    saves.extend([(3.3, 0.002), (4.3, 0.002), (5.3, 0.040)])  # one slow save among cheap ones
     assert pacer._growth() == 0.0
     saves.append((6.3, 0.003))
+    assert pacer._growth() < 0
+
+
+def test_one_rise_to_a_save_long_enough_to_be_felt_reads_as_growth(tmp_path: Path) -> None:
+    pacer = AutosavePacer(tmp_path / "db", tmp_path / "lock", lambda: None)
+    saves = pacer.stats.recent
+    saves.extend([(0.0, 0.002), (1.0, 0.002), (2.0, 0.069)])  # the saturated bench phase
+    assert pacer._growth() == pytest.approx(0.067)
+    pace = {"min_s": 1.0, "max_s": 60.0, "busy_share": 0.02}
+    assert next_delay(0.069, growth=pacer._growth(), **pace) == 60.0  # not 3.4 s: 0.5 s then
+    saves.append((62.0, 0.030))  # shorter again: no growth
     assert pacer._growth() < 0
 
 
