@@ -255,6 +255,24 @@ def test_rate_limiter(rate: float, burst: int, arrivals: list, expected: list[bo
     assert passed == expected
 
 
+def test_the_rate_limit_reads_the_clock_once_per_socket_read():
+    reads = []
+
+    def clock() -> float:
+        reads.append(1)
+        return 1000.0 + len(reads)
+
+    limited = Decoder(prefix="gw", max_payload_bytes=16 * 1024, credential_key=b"k",
+                      lookup_device=DEVICES.get, rate_per_s=5.0, monotonic=clock)  # fmt: skip
+    out = Decoded()
+    for received_at in (NOW, NOW + timedelta(milliseconds=3)):  # two reads of 50 messages
+        for seq in range(50):
+            topic = ("gw/dev/smoke-1/telemetry", "gw/dev/bin-1/telemetry")[seq % 2]
+            limited.decode(RawMessage(topic, b'{"seq": %d}' % seq, received_at), out)
+    assert len(reads) == 2
+    assert len(out.readings) == 100
+
+
 def test_a_flooding_device_is_dead_lettered_and_others_are_not():
     clock = FakeClock()
     limited = Decoder(prefix="gw", max_payload_bytes=16 * 1024, credential_key=b"k",
@@ -278,6 +296,7 @@ def test_a_flooding_device_is_dead_lettered_and_others_are_not():
     assert [d.reason for d in out.dead_letters[7:]] == ["unknown_device"]
     assert [m.topic for m in out.unknown] == ["gw/dev/ghost-1/telemetry"]
     assert (len(limited.limiter or ()), len(limited.event_limiter or ())) == (2, 1)
-    clock.now += 0.2  # one token back
-    limited.decode(RawMessage("gw/dev/smoke-1/telemetry", b'{"seq": 10}', NOW), out)
+    clock.now += 0.2  # one token back (the clock is read once per receive time: a later one)
+    later = NOW + timedelta(seconds=0.2)
+    limited.decode(RawMessage("gw/dev/smoke-1/telemetry", b'{"seq": 10}', later), out)
     assert out.readings[-1].seq == 10
