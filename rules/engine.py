@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from gridwarden.readings import DeviceInfo, Reading
+from rules.silence import SilenceSchedule
 from rules.spec import (
     SEVERITY_RANK,
     Absence,
@@ -234,11 +235,9 @@ class Engine:
         self.muted = muted
         self.states: dict[Key, State] = {}
         self.heard: dict[str, float] = {}
-        # One heap entry per watched device (`_absence_due` says which entry is live):
-        # a reading only moves `heard`, and the entry, when it comes up, is pushed back
-        # to the device's real deadline. The heap stays as large as the fleet.
-        self._absence_heap: list[tuple[float, str]] = []
-        self._absence_due: dict[str, float] = {}
+        # One entry per watched device: a reading only moves `heard`, and the entry, when
+        # it comes up, is scheduled again at the device's real deadline.
+        self._silences = SilenceSchedule()
         self._timer_heap: list[tuple[float, Key]] = []
         # Plans by (device named by an override or None, kind, cell), shared between
         # entries with the same rules.
@@ -275,16 +274,11 @@ class Engine:
         heard = self.heard.get(device_id)
         if heard is None or heard_at > heard:
             self.heard[device_id] = heard = heard_at
-        scheduled = self._absence_due.get(device_id)
-        if scheduled is not None:
-            return  # its entry comes up first and is pushed on to the new deadline
+        if device_id in self._silences:
+            return  # its entry comes up first and is scheduled again at the new deadline
         deadline = self._absence_deadline(self.lookup_device(device_id), heard)
         if deadline is not None:
-            self._schedule_absence(device_id, deadline)
-
-    def _schedule_absence(self, device_id: str, deadline: float) -> None:
-        self._absence_due[device_id] = deadline
-        heapq.heappush(self._absence_heap, (deadline, device_id))
+            self._silences.schedule(device_id, deadline)
 
     def rules_for(self, device: DeviceInfo) -> list[Rule]:
         return self._plan(device).rules
@@ -616,8 +610,9 @@ class Engine:
         candidates = []
         if self._timer_heap:
             candidates.append(self._timer_heap[0][0])
-        if self._absence_heap:
-            candidates.append(self._absence_heap[0][0])
+        silence = self._silences.next_due()
+        if silence is not None:
+            candidates.append(silence)
         return min(candidates) if candidates else None
 
     def tick(self, now: datetime) -> Evaluation:
@@ -631,11 +626,7 @@ class Engine:
             if state is None or due is None or due > t:
                 continue  # stale entry: the state moved on
             self._timer(evaluation, key, dict(state), now)
-        while self._absence_heap and self._absence_heap[0][0] <= t:
-            deadline, device_id = heapq.heappop(self._absence_heap)
-            if self._absence_due.get(device_id) != deadline:
-                continue  # superseded entry
-            del self._absence_due[device_id]
+        for device_id in self._silences.take_due(t):
             device = self.lookup_device(device_id)
             heard_at = self.heard.get(device_id)
             rule = self._absence_rule(device) if device else None
@@ -645,10 +636,10 @@ class Engine:
             if real is None:
                 continue
             if real > t:
-                self._schedule_absence(device_id, real)  # heard again since
+                self._silences.schedule(device_id, real)  # heard again since, or not due
                 continue
             if self.muted(device, now):
-                self._schedule_absence(device_id, t + MUTED_RECHECK_S)
+                self._silences.schedule(device_id, t + MUTED_RECHECK_S)
                 continue
             key = (device.id, rule.id)
             state = self._get(evaluation, key)
