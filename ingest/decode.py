@@ -190,6 +190,8 @@ class Decoder:
         self.max_payload_bytes = max_payload_bytes
         self.credential_key = credential_key
         self.lookup_device = lookup_device
+        # (ts, receive time, parsed time) of the last message: the next one with both the
+        # same reuses the parsed time.
         self._last_time: tuple[object, datetime | None, datetime] = (None, None, EARLIEST_VALID_TS)
         # The clock read once per receive time (one socket read), not per message.
         self._monotonic = monotonic
