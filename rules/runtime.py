@@ -37,6 +37,45 @@ class MaintenanceWindow:
     ends_at: datetime
 
 
+class MaintenanceWindows:
+    """The maintenance windows, indexed by device and by cell: asked of every reading
+    (`Engine.muted`). Walking every window and building the cell's ancestors for each
+    reading took 2.9 µs a reading with 30 open windows, 0.3 indexed. A cell's windows, its
+    ancestors' included, are gathered once per cell; build a new instance when the windows
+    or the grid change."""
+
+    def __init__(
+        self,
+        windows: list[MaintenanceWindow],
+        cells_of: Callable[[str | None], tuple[str, ...]],
+    ) -> None:
+        self._by_device: dict[str, list[MaintenanceWindow]] = {}
+        self._by_cell: dict[str, list[MaintenanceWindow]] = {}
+        for window in windows:
+            if window.device_id is not None:
+                self._by_device.setdefault(window.device_id, []).append(window)
+            if window.cell_id is not None:
+                self._by_cell.setdefault(window.cell_id, []).append(window)
+        self._cells_of = cells_of
+        self._over_cell: dict[str | None, tuple[MaintenanceWindow, ...]] = {}
+
+    def cover(self, device: DeviceInfo, at: datetime) -> bool:
+        """Whether a window on the device, its cell or an ancestor of its cell is open."""
+        for window in self._by_device.get(device.id, ()):
+            if window.starts_at <= at < window.ends_at:
+                return True
+        if not self._by_cell:
+            return False
+        over = self._over_cell.get(device.cell_id)
+        if over is None:
+            over = self._over_cell[device.cell_id] = tuple(
+                window
+                for cell in self._cells_of(device.cell_id)
+                for window in self._by_cell.get(cell, ())
+            )
+        return any(window.starts_at <= at < window.ends_at for window in over)
+
+
 class RulesService:
     def __init__(
         self,
@@ -70,7 +109,7 @@ class RulesService:
         self.lock = RulesLock()
         self._locator: CellLocator | None = None
         self._hierarchy: dict[str, str | None] = {}
-        self._windows: list[MaintenanceWindow] = []
+        self._windows = MaintenanceWindows([], self.cells_of)
         self._cells_version: str | None = None
 
     # -- cells and maintenance --------------------------------------------------------
@@ -82,17 +121,11 @@ class RulesService:
         return tuple(self._locator.ancestors(cell_id))
 
     def muted(self, device: DeviceInfo, at: datetime) -> bool:
-        if not self._windows:
-            return False
-        cells = set(self.cells_of(device.cell_id))
-        return any(
-            w.starts_at <= at < w.ends_at and (w.device_id == device.id or w.cell_id in cells)
-            for w in self._windows
-        )
+        return self._windows.cover(device, at)
 
     async def refresh(self, conn: asyncpg.Connection | asyncpg.Pool) -> None:
         rows = await conn.fetch(query("active_maintenance"))
-        self._windows = [MaintenanceWindow(**dict(row)) for row in rows]
+        windows = [MaintenanceWindow(**dict(row)) for row in rows]
         # The grid is re-read only when it changed: rebuilding it every refresh took one
         # callback of 20-60 ms with a city's cells, and an alarm arriving waited for it.
         cells_version = await conn.fetchval(query("registry_cells_version"))
@@ -110,6 +143,7 @@ class RulesService:
                 # device every few seconds would cost seconds of CPU at 100,000 devices.
                 self._hierarchy = hierarchy
                 self.engine.forget_device_rules()
+        self._windows = MaintenanceWindows(windows, self.cells_of)  # after the grid
         # Going through 100,000 devices took 8-16 ms of one callback: only after a change.
         version = None if self.devices_version is None else self.devices_version()
         if version is None or version != self._devices_version_seen:
