@@ -193,8 +193,7 @@ class Decoder:
         # (ts, receive time, parsed time) of the last message: the next one with both the
         # same reuses the parsed time.
         self._last_time: tuple[object, datetime | None, datetime] = (None, None, EARLIEST_VALID_TS)
-        # The clock read once per receive time (one socket read), not per message.
-        self._monotonic = monotonic
+        self._monotonic = monotonic  # read through `_clock_at`
         self._clock_read: tuple[datetime | None, float] = (None, 0.0)
         self.limiter: RateLimiter | None = None  # 0: no limit
         self.event_limiter: RateLimiter | None = None
@@ -228,7 +227,9 @@ class Decoder:
             into.unknown.append(message)
             raise BadInput("unknown_device", f"device {topic.device_id!r} is not registered")
         limiter = self.event_limiter if topic.channel == "event" else self.limiter
-        if limiter is not None and not limiter.allow(device.id, self._now(message.received_at)):
+        if limiter is not None and not limiter.allow(
+            device.id, self._clock_at(message.received_at)
+        ):
             raise BadInput("rate_limited", limiter.detail)
         if topic.channel == "status":
             into.statuses.append(self._status(topic.device_id, payload, message.received_at))
@@ -321,7 +322,8 @@ class Decoder:
                 reading.credential_hash = self.hash_credential(credential)
         into.readings.append(reading)
 
-    def _now(self, received_at: datetime) -> float:
+    def _clock_at(self, received_at: datetime) -> float:
+        """`monotonic`, read once per receive time (one socket read), not per message."""
         read_for, now = self._clock_read
         if received_at is not read_for:
             now = self._monotonic()
