@@ -503,17 +503,30 @@ class IngestService:
         ids = list(pending)
         for start in range(0, len(ids), LAST_SEEN_CHUNK):
             chunk = sorted(ids[start : start + LAST_SEEN_CHUNK])
-            at, seq, status, status_at = zip(*(pending[d] for d in chunk), strict=True)
             try:
-                await self.pool.execute(
-                    query("flush_last_seen"), chunk, list(at), list(seq), list(status),
-                    list(status_at),
-                )  # fmt: skip
+                try:
+                    await self._write_last_seen(chunk, pending)
+                except asyncpg.ForeignKeyViolationError:
+                    # A device deleted (by hand) since it was heard: nothing to keep of it.
+                    rows = await self.pool.fetch(query("registered_of"), chunk)
+                    registered = {row["id"] for row in rows}
+                    dropped = [d for d in chunk if d not in registered]
+                    log.warning("last seen of %d deleted devices dropped: %s",
+                                len(dropped), ", ".join(dropped[:5]))  # fmt: skip
+                    await self._write_last_seen([d for d in chunk if d in registered], pending)
             except BaseException:
                 # Keep what is not written yet for the next flush (newer entries win).
                 for device_id in ids[start:]:
                     self._last_seen.setdefault(device_id, pending[device_id])
                 raise
+
+    async def _write_last_seen(self, chunk: list[str], pending: dict[str, LastSeen]) -> None:
+        if not chunk:
+            return
+        at, seq, status, status_at = zip(*(pending[d] for d in chunk), strict=True)
+        await self.pool.execute(
+            query("flush_last_seen"), chunk, list(at), list(seq), list(status), list(status_at)
+        )
 
 
 def _describe(reading: Reading) -> bytes:

@@ -31,7 +31,6 @@ from ingest.topics import ParsedTopic, TopicError, parse_topic
 EARLIEST_VALID_TS = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_FUTURE_SKEW = timedelta(days=1)
 EPOCH_MS_THRESHOLD = 1e11  # numbers above this are milliseconds (1e11 s is the year 5138)
-_COMMON_KEYS = frozenset({"ts", "seq", "device_id"})
 __all__ = ["DeviceInfo", "Reading"]  # re-exported: they live in the shared core
 
 
@@ -280,24 +279,23 @@ class Decoder:
             checked = schema.validate(document)
         except ValidationError as exc:
             raise BadInput(*_validation_reason(exc)) from None
-        named = checked.get("device_id")
+        # `checked` is validation's own new dict: it becomes the reading's values once the
+        # common keys, the nulls and what is not declared (`extra`, kept as given) are out.
+        values: dict[str, Any] = checked
+        named = values.pop("device_id", None)
         if named is not None and named != device.id:
             raise BadInput(
                 "device_mismatch",
                 f"payload names device {named!r} but was published for {device.id!r}",
             )
-        # The declared fields the payload set (not null), without the common keys; the
-        # rest is `extra`, kept as given.
+        ts, seq = values.pop("ts", None), values.pop("seq", None)
         declared = schema.declared
-        values: dict[str, Any] = {}
         extra: dict[str, Any] | None = None
-        for key, value in checked.items():
-            if key not in declared:
-                if extra is None:
-                    extra = {}
-                extra[key] = value
-            elif value is not None and key not in _COMMON_KEYS:
-                values[key] = value
+        if not values.keys() <= declared:
+            extra = {key: value for key, value in values.items() if key not in declared}
+            values = {key: value for key, value in values.items() if key in declared}
+        if None in values.values():  # declared values only: floats, ints, bools, strings
+            values = {key: value for key, value in values.items() if value is not None}
         if extra is not None:
             # orjson reads 1,024 levels of nesting but writes only 254: found here, such a
             # message is one dead letter; found by the writer, its whole batch was written
@@ -306,7 +304,7 @@ class Decoder:
                 orjson.dumps(extra)
             except orjson.JSONEncodeError as exc:
                 raise BadInput("storage_rejected", f"cannot be stored: {exc}") from None
-        ts, received_at = checked.get("ts"), message.received_at
+        received_at = message.received_at
         last = self._last_time
         if ts == last[0] and received_at is last[1]:
             at = last[2]  # parse_ts is pure: the messages of one read often share their ts
@@ -314,7 +312,7 @@ class Decoder:
             at = parse_ts(ts, received_at)
             self._last_time = (ts, received_at, at)
         # Positional: keywords cost a third more, once per message.
-        reading = Reading(channel, device.id, at, received_at, checked.get("seq"), values, extra)
+        reading = Reading(channel, device.id, at, received_at, seq, values, extra)
         if channel == "event":
             reading.event = values.pop("event")
             credential = values.pop("credential", None)

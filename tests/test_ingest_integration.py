@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -207,6 +208,32 @@ async def test_last_seen_is_written_in_sorted_chunks_and_what_failed_is_kept(
         assert {r["device_id"]: (r["last_seen"], r["last_seq"]) for r in stored} == {
             d: (s[0], s[1]) for d, s in seen.items()
         }
+    finally:
+        await pool.close()
+
+
+async def test_a_device_deleted_since_it_was_heard_does_not_stop_the_last_seen_flush(
+    database_url, mqtt_url, topic_prefix, caplog: pytest.LogCaptureFixture
+):
+    """The flush writes without looking each device up (the foreign key checks it); a
+    chunk naming a device deleted meanwhile is written again without that device."""
+    await register_devices(database_url, TEST_DEVICES)
+    settings = settings_for(database_url, mqtt_url, topic_prefix)
+    pool = await create_pool(database_url)
+    try:
+        service = IngestService(settings, pool, mqtt_url)
+        at = datetime.now(UTC).replace(microsecond=0)
+        service._last_seen = {
+            "smoke-1": (at, 7, None, None),
+            "deleted-1": (at, 3, "online", at),
+            "door-1": (at, 9, None, None),
+        }
+        with caplog.at_level(logging.WARNING, logger="ingest.consumer"):
+            await service.flush_last_seen()
+        assert service._last_seen == {}
+        stored = await fetch(database_url, "SELECT device_id, last_seq FROM device_last_seen")
+        assert {r["device_id"]: r["last_seq"] for r in stored} == {"smoke-1": 7, "door-1": 9}
+        assert "last seen of 1 deleted devices dropped: deleted-1" in caplog.text
     finally:
         await pool.close()
 
