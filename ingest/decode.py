@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from gridwarden.readings import DeviceInfo, Reading
 from ingest.codecs import CODECS, CodecError
 from ingest.models import EVENT_SCHEMAS, TELEMETRY_SCHEMAS
-from ingest.topics import ParsedTopic, TopicError, parse_topic
+from ingest.topics import TopicError, check_device_id, parse_topic, usual_topic
 
 EARLIEST_VALID_TS = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_FUTURE_SKEW = timedelta(days=1)
@@ -205,50 +205,64 @@ class Decoder:
     def decode(self, message: RawMessage, into: Decoded) -> None:
         device_id: str | None = None
         try:
-            topic = parse_topic(message.topic, self.prefix)
-            device_id = topic.device_id
-            self._decode(topic, message, into)
+            usual = usual_topic(message.topic, self.prefix)
+            if usual is not None:
+                device_id, channel = usual
+                self._decode(channel, device_id, None, message, into)
+            else:
+                topic = parse_topic(message.topic, self.prefix)
+                device_id = topic.device_id
+                self._decode(topic.channel, device_id, topic.codec, message, into)
         except (BadInput, TopicError) as exc:
             detail = exc.detail if isinstance(exc, BadInput) else str(exc)
+            if exc.reason == "bad_device_id":
+                device_id = None  # not an id: the column holds ids
             into.dead_letters.append(
                 DeadLetter(message.topic, device_id, exc.reason, detail, message.payload,
                            message.received_at)
             )  # fmt: skip
 
-    def _decode(self, topic: ParsedTopic, message: RawMessage, into: Decoded) -> None:
+    def _decode(
+        self, channel: str, device_id: str, codec_name: str | None, message: RawMessage,
+        into: Decoded,
+    ) -> None:  # fmt: skip
         payload = message.payload
+        device = self.lookup_device(device_id)
+        if device is None:
+            # Only here: a registered id is well formed (the registry's CHECK), and the
+            # usual message skips the pattern.
+            check_device_id(device_id)
         if len(payload) > self.max_payload_bytes:
             raise BadInput(
                 "oversized", f"{len(payload)} bytes, the limit is {self.max_payload_bytes}"
             )
-        device = self.lookup_device(topic.device_id)
         if device is None:
             into.unknown.append(message)
-            raise BadInput("unknown_device", f"device {topic.device_id!r} is not registered")
-        limiter = self.event_limiter if topic.channel == "event" else self.limiter
+            raise BadInput("unknown_device", f"device {device_id!r} is not registered")
+        limiter = self.event_limiter if channel == "event" else self.limiter
         if limiter is not None and not limiter.allow(
             device.id, self._clock_at(message.received_at)
         ):
             raise BadInput("rate_limited", limiter.detail)
-        if topic.channel == "status":
-            into.statuses.append(self._status(topic.device_id, payload, message.received_at))
+        if channel == "status":
+            into.statuses.append(self._status(device_id, payload, message.received_at))
             return
         if b"\\u0000" in payload:
             # PostgreSQL text and jsonb cannot hold NUL; refuse it here, with a reason.
             raise BadInput("wrong_type", "strings must not contain NUL (\\u0000)")
         document = _load_json(payload)
-        if topic.channel == "codec":
-            codec = CODECS.get(topic.codec or "")
+        if channel == "codec":
+            codec = CODECS.get(codec_name or "")
             if codec is None:
-                raise BadInput("unknown_codec", f"no codec named {topic.codec!r}")
+                raise BadInput("unknown_codec", f"no codec named {codec_name!r}")
             try:
                 decoded = codec(document, device)
             except CodecError as exc:
-                raise BadInput("codec_error", f"{topic.codec}: {exc}") from None
-            for channel, native in decoded:
-                self._native(channel, native, device, message, into, index=None)
+                raise BadInput("codec_error", f"{codec_name}: {exc}") from None
+            for native_channel, native in decoded:
+                self._native(native_channel, native, device, message, into, index=None)
             return
-        if topic.channel == "telemetry" and isinstance(document, list):
+        if channel == "telemetry" and isinstance(document, list):
             if not document:
                 raise BadInput("not_object", "empty array")
             for index, element in enumerate(document):
@@ -261,7 +275,7 @@ class Decoder:
                         orjson.dumps(element), message.received_at,
                     ))  # fmt: skip
             return
-        self._native(topic.channel, document, device, message, into, index=None)
+        self._native(channel, document, device, message, into, index=None)
 
     def _native(
         self,

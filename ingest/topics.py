@@ -37,6 +37,22 @@ def event_subscriptions(prefix: str) -> list[str]:
     return [f"{prefix}/dev/+/event"]
 
 
+def usual_topic(topic: str, prefix: str) -> tuple[str, str] | None:
+    """`(device_id, channel)` of a `{prefix}/dev/{device_id}/{channel}` topic, the id not
+    checked yet (`check_device_id`); None for any other topic (see `parse_topic`)."""
+    parts = topic.split("/")
+    if len(parts) == 4 and parts[1] == "dev" and parts[0] == prefix and parts[3] in DEVICE_CHANNELS:
+        return parts[2], parts[3]
+    return None
+
+
+def check_device_id(device_id: str) -> None:
+    if not DEVICE_ID_PATTERN.match(device_id):
+        raise TopicError(
+            "bad_device_id", f"device id {device_id!r} does not match [A-Za-z0-9_.:-]{{1,64}}"
+        )
+
+
 def parse_topic(topic: str, prefix: str) -> ParsedTopic:
     parts = topic.split("/")
     if len(parts) != 4 or parts[0] != prefix:
@@ -51,8 +67,5 @@ def parse_topic(topic: str, prefix: str) -> ParsedTopic:
         codec, device_id, channel = second, third, "codec"
     else:
         raise TopicError("bad_topic", f"unknown topic family {family!r}")
-    if not DEVICE_ID_PATTERN.match(device_id):
-        raise TopicError(
-            "bad_device_id", f"device id {device_id!r} does not match [A-Za-z0-9_.:-]{{1,64}}"
-        )
+    check_device_id(device_id)
     return ParsedTopic(channel, device_id, codec)  # type: ignore[arg-type]

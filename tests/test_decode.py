@@ -109,6 +109,28 @@ def test_oversized_payload_is_refused_before_parsing():
     assert out.dead_letters[0].payload == big
 
 
+@pytest.mark.parametrize(
+    ("topic", "reason", "device_id"),
+    [
+        ("gw/dev/bad$id/telemetry", "bad_device_id", None),  # not an id: none recorded
+        ("gw/dev/" + "x" * 65 + "/telemetry", "bad_device_id", None),  # too long an id
+        ("gw/codec/chirpstack/bad$id", "bad_device_id", None),
+        ("gw/dev/ghost-9/telemetry", "oversized", "ghost-9"),  # well formed, unknown
+        ("gw/dev/smoke-1/telemetry", "oversized", "smoke-1"),
+    ],
+)
+def test_a_message_bad_in_several_ways_is_dead_lettered_for_its_topic_first(
+    topic: str, reason: str, device_id: str | None
+):
+    """The device id is checked only when the registry does not know it (a registered id
+    is well formed), yet a malformed id still wins over an oversized payload."""
+    out = Decoded()
+    big = orjson.dumps({"pad": "x" * 20_000})
+    decoder().decode(RawMessage(topic, big, NOW), out)
+    assert [(d.reason, d.device_id) for d in out.dead_letters] == [(reason, device_id)]
+    assert out.unknown == []
+
+
 GOOD_INPUT = [
     # (topic, payload, expected values) — accepted and what is kept
     ("gw/dev/smoke-1/telemetry", {"smoke": 0.4, "temperature": 21.5, "alarm": False},
