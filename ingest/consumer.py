@@ -73,7 +73,7 @@ EVENT_LANE_MAX_DELAY_S = 0.005  # events are few: commit them nearly one by one
 EVENT_LANE_RECEIVE_MAXIMUM = 1000
 DECODE_SLICE = 100  # messages decoded between two turns of the event loop (~2-3 ms)
 UNKNOWN = "unknown_device"
-LAST_SEEN_CHUNK = 2000  # devices per last-seen statement (~3 ms of encoding)
+LAST_SEEN_CHUNK = 500  # devices per last-seen statement (~1-4 ms of encoding)
 
 # Valid JSON that cannot be written back: orjson reads 1,024 levels of nesting but writes
 # only 254 (the `extra` column, a dead letter of an array element), and repr() of the

@@ -7,8 +7,8 @@ spends ~90 µs of Python per message there, fighting the asyncio thread for the 
 (~11k msg/s bare on this machine, before we do any work; this module drains the same
 backlog from the same broker at ~150k msg/s, orjson-parsing and acking). No MQTT library
 acknowledges a batch after a database commit without a task or a thread hop per
-message. So: an `asyncio.Protocol` on the event loop's thread — no thread, no task per
-message — whose `data_received` parses every complete packet of the chunk in one pass
+message. So: an `asyncio.BufferedProtocol` on the event loop's thread — no thread, no task per
+message — whose `data_received` parses every complete packet of a read in one pass
 (`ingest.mqtt_wire`), queues the PUBLISHes and wakes `take()` at most once; `ack()`
 writes the PUBACKs of a whole committed batch in ONE transport write.
 
@@ -24,7 +24,7 @@ in-flight message releases up to Receive Maximum *more* queued messages, so once
 flow a large backlog would arrive at full speed. So we also stop reading the socket
 while Receive Maximum messages wait to be taken, and read again when half are taken:
 TCP then holds the broker back. Memory stays bounded by Receive Maximum messages plus
-one socket read (asyncio reads at most 256 KiB at a time).
+one socket read (READ_BYTES).
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ CONNECT_TIMEOUT_S = 10.0  # TCP (+ TLS) handshake; the CONNACK is the keep-alive
 # at most this long: closing first could lose the PUBACKs it has not read yet (see stop()).
 STOP_GRACE_S = 2.0
 SUBSCRIPTION_OPTIONS = 0x01  # maximum QoS 1; no-local, retain-as-published, retain handling 0
+# Bytes read from the socket per event-loop callback (~500 telemetry messages, 2-4 ms to
+# parse): asyncio's default of 256 KiB took one callback of 10-90 ms that an alarm event's
+# next step waited behind.
+READ_BYTES = 64 * 1024
 
 
 class ProtocolViolation(Exception):
@@ -234,7 +238,7 @@ class MqttSource:
         )
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     """One TCP (or TLS) connection to the broker, on the event loop's thread."""
 
     def __init__(self, source: MqttSource) -> None:
@@ -246,6 +250,7 @@ class _Connection(asyncio.Protocol):
         self.refused = False
         self.keepalive_s = KEEPALIVE_S
         self.subscribe_id = 0
+        self._read_into = memoryview(bytearray(READ_BYTES))
         self._buffer = bytearray()
         self._need = 0  # bytes the partial packet in _buffer needs before parsing pays
         self._last_received = self.loop.time()
@@ -273,6 +278,12 @@ class _Connection(asyncio.Protocol):
         self._closing = True
         if not self.lost.done():
             self.lost.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_into
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(self._read_into[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self._closing:

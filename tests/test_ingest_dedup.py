@@ -4,6 +4,8 @@ batch's one statement (every test runs both ways)."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -112,3 +114,39 @@ async def test_a_small_batch_of_events_is_written_without_copy(
     if claim_by == "statement":
         assert small_copies == []
     assert copies[len(small_copies) :] == ["telemetry_dedup", "device_events"]
+
+
+async def test_a_large_batch_is_copied_in_slices_letting_the_event_loop_turn(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every row lands, and between two slices of COPY_SLICE rows other tasks run (an
+    alarm event's statements must not wait for a whole bulk batch to be encoded)."""
+    await register_devices(database_url, TEST_DEVICES)
+    monkeypatch.setattr(writer, "COPY_SLICE", 3)
+    turns = 0
+    made_at_turn: list[int] = []
+    make_record = writer._telemetry_record
+
+    def recording(reading: Reading) -> tuple[object, ...]:
+        made_at_turn.append(turns)
+        return make_record(reading)
+
+    monkeypatch.setattr(writer, "_telemetry_record", recording)
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.create_task(count_turns())
+    try:
+        assert await write(database_url, [reading(n) for n in range(1, 11)]) == (
+            list(range(1, 11)),
+            0,
+        )
+    finally:
+        counter.cancel()
+    assert await stored_seqs(database_url) == list(range(1, 11))
+    # Rows 1-3, 4-6, 7-9 and 10 each made in a turn of their own.
+    assert [len(list(group)) for _, group in itertools.groupby(made_at_turn)] == [3, 3, 3, 1]

@@ -180,6 +180,36 @@ async def test_messages_arrive_in_order_and_acked_ones_are_not_redelivered(
     await nothing_more(source)
 
 
+async def test_the_socket_is_read_a_bounded_chunk_at_a_time_packets_spanning_reads(
+    make_source: Callable[..., MqttSource],
+    mqtt_url: str,
+    topic_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each event-loop callback parses at most READ_BYTES (one of 256 KiB, asyncio's
+    default, held the loop 10-90 ms), and a packet split between reads arrives whole."""
+    monkeypatch.setattr(mqtt_source, "READ_BYTES", 100)
+    source = make_source(receive_maximum=200)
+    reads: list[int] = []
+    original = mqtt_source._Connection.buffer_updated
+
+    def buffer_updated(self: Any, nbytes: int) -> None:
+        reads.append(nbytes)
+        original(self, nbytes)
+
+    monkeypatch.setattr(mqtt_source._Connection, "buffer_updated", buffer_updated)
+    await started(source)
+    sent = [
+        (f"{topic_prefix}/dev/d{i % 3}/telemetry", b'{"seq": %d, "pad": "%s"}' % (i, b"x" * i), 1)
+        for i in range(60)
+    ]
+    await publish(mqtt_url, sent)
+    got = await take_n(source, len(sent))
+    assert [(m.topic, m.payload) for m in got] == [(t, p) for t, p, _ in sent]
+    assert max(reads) <= 100
+    assert len(reads) > sum(len(p) for _, p, _ in sent) // 100
+
+
 async def test_unacked_messages_come_again_on_the_next_connection_and_old_acks_are_skipped(
     make_source: Callable[..., MqttSource], mqtt_url: str, topic_prefix: str
 ) -> None:

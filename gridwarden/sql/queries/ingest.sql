@@ -16,7 +16,7 @@ SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::bigint[], $4::timestampt
 -- name: flush_last_seen
 -- Devices are never deleted by gridwarden itself, so the usual flush skips the join on
 -- devices (with stale statistics right after an import the planner hashed all 100,000
--- devices for every chunk of 2,000: two thirds of the statement's time). A device deleted
+-- devices for every chunk: two thirds of the statement's time). A device deleted
 -- by hand since it was heard fails the foreign key; then the chunk is written again
 -- without it (registered_of).
 INSERT INTO device_last_seen AS s (device_id, last_seen, last_seq, status, status_at)
