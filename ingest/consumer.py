@@ -504,16 +504,7 @@ class IngestService:
         for start in range(0, len(ids), LAST_SEEN_CHUNK):
             chunk = sorted(ids[start : start + LAST_SEEN_CHUNK])
             try:
-                try:
-                    await self._write_last_seen(chunk, pending)
-                except asyncpg.ForeignKeyViolationError:
-                    # A device deleted (by hand) since it was heard: nothing to keep of it.
-                    rows = await self.pool.fetch(query("registered_of"), chunk)
-                    registered = {row["id"] for row in rows}
-                    dropped = [d for d in chunk if d not in registered]
-                    log.warning("last seen of %d deleted devices dropped: %s",
-                                len(dropped), ", ".join(dropped[:5]))  # fmt: skip
-                    await self._write_last_seen([d for d in chunk if d in registered], pending)
+                await self._write_last_seen(chunk, pending)
             except BaseException:
                 # Keep what is not written yet for the next flush (newer entries win).
                 for device_id in ids[start:]:
@@ -521,6 +512,19 @@ class IngestService:
                 raise
 
     async def _write_last_seen(self, chunk: list[str], pending: dict[str, LastSeen]) -> None:
+        """One chunk. A device deleted (by hand) since it was heard fails the foreign key:
+        then the chunk again without it (nothing to keep of a deleted device)."""
+        try:
+            await self._upsert_last_seen(chunk, pending)
+        except asyncpg.ForeignKeyViolationError:
+            rows = await self.pool.fetch(query("registered_of"), chunk)
+            registered = {row["id"] for row in rows}
+            dropped = [d for d in chunk if d not in registered]
+            log.warning("last seen of %d deleted devices dropped: %s",
+                        len(dropped), ", ".join(dropped[:5]))  # fmt: skip
+            await self._upsert_last_seen([d for d in chunk if d in registered], pending)
+
+    async def _upsert_last_seen(self, chunk: list[str], pending: dict[str, LastSeen]) -> None:
         if not chunk:
             return
         at, seq, status, status_at = zip(*(pending[d] for d in chunk), strict=True)

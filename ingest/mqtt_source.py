@@ -283,6 +283,7 @@ class _Connection(asyncio.BufferedProtocol):
         return self._read_into
 
     def buffer_updated(self, nbytes: int) -> None:
+        # A copy: the queued messages' payloads outlive the buffer, which the next read reuses.
         self.data_received(bytes(self._read_into[:nbytes]))
 
     def data_received(self, data: bytes) -> None:

@@ -492,7 +492,7 @@ class Engine:
         rise, a state of nothing but samples. Exactly what the general path makes of it
         (samples in order, the last MAX_RATE_SAMPLES, unsaved) at a fraction of its cost:
         a smoke detector's every reading comes here. False: not such a reading."""
-        current = evaluation.states[key] if key in evaluation.states else self.states.get(key)
+        current = self._peek(evaluation, key)
         if not current:
             samples = [[t, value]]
         elif len(current) == 1 and "samples" in current and current["samples"][-1][0] < t:
