@@ -54,9 +54,10 @@ from ingest import metrics
 from ingest.decode import DeadLetter, Decoded, Decoder, RawMessage, Reading, credential_key
 from ingest.directory import DeviceDirectory
 from ingest.mqtt_source import MqttSource
+from ingest.priority import Priority
 from ingest.shards import ShardMap
 from ingest.topics import event_subscriptions, subscriptions
-from ingest.writer import RulesHook, Turn, WriteResult, write_batch
+from ingest.writer import RulesHook, Turn, WriteResult, one_turn, write_batch
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ class IngestService:
         self.after_commit = after_commit
         self._last_seen: dict[str, LastSeen] = {}
         self.committed_batches = 0
+        self.priority = Priority()
 
     # -- tasks ---------------------------------------------------------------------
     def subscribed(self) -> bool:
@@ -226,8 +228,10 @@ class IngestService:
                 if not lane.source.depth():
                     return
                 batch = await lane.source.take(self.settings.batch_max_messages, 0)
-            decoded = await self._decode(lane, batch)
-            await self._finish(lane, batch, decoded, await self._commit(decoded, urgent=True))
+            with self.priority.urgent():
+                decoded = await self._decode(lane, batch)
+                result = await self._commit(decoded, urgent=True)
+            await self._finish(lane, batch, decoded, result)
 
     async def _take(self, lane: Lane, stop: asyncio.Event) -> list[RawMessage] | None:
         take = asyncio.ensure_future(
@@ -281,6 +285,7 @@ class IngestService:
                 while window and window[0].task.done():
                     head = window.popleft()
                     if head.task.exception() is None:
+                        await self.priority.bulk_turn()  # acking 2,000 takes a while too
                         await self._finish(lane, head.batch, head.decoded, head.task.result())
                         continue
                     await self._rewrite_in_order(lane, head, list(window))
@@ -301,8 +306,9 @@ class IngestService:
         started = time.perf_counter()
         async with self.pool.acquire() as conn:
             result = await write_batch(
-                conn, decoded, self.settings.dedup_window_s, self.rules, turn
-            )
+                conn, decoded, self.settings.dedup_window_s, self.rules, turn,
+                priority=self.priority,
+            )  # fmt: skip
         self._observe(started, decoded)
         return result
 
@@ -349,7 +355,7 @@ class IngestService:
     async def _decode(self, lane: Lane, batch: list[RawMessage]) -> Decoded:
         metrics.RECEIVED.inc(len(batch))
         metrics.QUEUE_DEPTH.set(lane.source.depth())
-        decoded = await self._decode_yielding(batch, lane.skip_events)
+        decoded = await self._decode_yielding(batch, lane)
         if decoded.unknown and self.directory.refresh_due():
             # A device imported moments ago: look again before dead-lettering it. Only
             # the messages of unknown devices are decoded again: the others have been
@@ -357,19 +363,21 @@ class IngestService:
             await self._with_retry(self.directory.refresh)
             again, decoded.unknown = decoded.unknown, []
             decoded.dead_letters = [d for d in decoded.dead_letters if d.reason != UNKNOWN]
-            await self._decode_yielding(again, lane.skip_events, into=decoded)
+            await self._decode_yielding(again, lane, into=decoded)
         return decoded
 
     async def _decode_yielding(
-        self, batch: list[RawMessage], skip_events: bool, into: Decoded | None = None
+        self, batch: list[RawMessage], lane: Lane, into: Decoded | None = None
     ) -> Decoded:
         """Decode in slices, letting the event loop run in between: the event lane, the
         outbox and the HTTP API must not wait for a whole bulk batch."""
         decoded = Decoded() if into is None else into
+        between = one_turn if lane.urgent else self.priority.bulk_turn
         for start in range(0, len(batch), DECODE_SLICE):
             if start:
-                await asyncio.sleep(0)
-            self.decode(batch[start : start + DECODE_SLICE], skip_events=skip_events, into=decoded)
+                await between()
+            self.decode(batch[start : start + DECODE_SLICE], skip_events=lane.skip_events,
+                        into=decoded)  # fmt: skip
         return decoded
 
     async def _finish(
@@ -452,8 +460,9 @@ class IngestService:
     async def _write(self, decoded: Decoded, urgent: bool = False) -> WriteResult:
         async def work(conn: asyncpg.Connection) -> WriteResult:
             return await write_batch(
-                conn, decoded, self.settings.dedup_window_s, self.rules, urgent=urgent
-            )
+                conn, decoded, self.settings.dedup_window_s, self.rules,
+                urgent=urgent, priority=self.priority,
+            )  # fmt: skip
 
         return await self._with_retry(work)
 
@@ -502,6 +511,7 @@ class IngestService:
         pending, self._last_seen = self._last_seen, {}
         ids = list(pending)
         for start in range(0, len(ids), LAST_SEEN_CHUNK):
+            await self.priority.bulk_turn()  # not while an alarm event's batch is in flight
             chunk = sorted(ids[start : start + LAST_SEEN_CHUNK])
             try:
                 await self._write_last_seen(chunk, pending)

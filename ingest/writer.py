@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -15,6 +15,7 @@ import orjson
 from gridwarden.db import query
 from ingest.decode import Decoded, Reading
 from ingest.models import BOOLEAN_FIELDS, NUMERIC_FIELDS
+from ingest.priority import Priority
 from rules.lock import RulesLock
 
 TELEMETRY_COLUMNS = ("time", "device_id", "seq", "received_at", *NUMERIC_FIELDS,
@@ -34,6 +35,17 @@ SMALL_BATCH = 50
 COPY_SLICE = 250
 
 T = TypeVar("T")
+# What runs between two COPY slices: a turn of the event loop, or the bulk lane's
+# `Priority.bulk_turn` (which also waits for an alarm event's batch).
+BetweenSlices = Callable[[], Awaitable[None]]
+
+
+async def one_turn() -> None:
+    await asyncio.sleep(0)
+
+
+def _never() -> bool:
+    return False
 
 
 class RulesHook(Protocol):
@@ -42,7 +54,11 @@ class RulesHook(Protocol):
 
     lock: RulesLock
 
-    async def in_transaction(self, conn: asyncpg.Connection, readings: list[Reading]) -> Any: ...
+    async def in_transaction(
+        self, conn: asyncpg.Connection, readings: list[Reading], hurry: Callable[[], bool]
+    ) -> Any:
+        """`hurry()` is true while an alarm event's batch is in flight: then evaluate
+        without giving turns of the event loop away."""
 
     def committed(self, evaluation: Any) -> None: ...
 
@@ -91,21 +107,21 @@ def _event_record(reading: Reading) -> tuple[object, ...]:
 
 
 def _copy_rows(
-    items: Sequence[T], row: Callable[[T], tuple[object, ...]]
+    items: Sequence[T], row: Callable[[T], tuple[object, ...]], between: BetweenSlices
 ) -> list[tuple[object, ...]] | AsyncIterator[tuple[object, ...]]:
     """The COPY records of `items`: a list for a small batch, else made and encoded a
     COPY_SLICE at a time (asyncpg takes an async iterable of records)."""
     if len(items) <= COPY_SLICE:
         return [row(item) for item in items]
-    return _rows_in_slices(items, row)
+    return _rows_in_slices(items, row, between)
 
 
 async def _rows_in_slices(
-    items: Sequence[T], row: Callable[[T], tuple[object, ...]]
+    items: Sequence[T], row: Callable[[T], tuple[object, ...]], between: BetweenSlices
 ) -> AsyncIterator[tuple[object, ...]]:
     for start in range(0, len(items), COPY_SLICE):
         if start:
-            await asyncio.sleep(0)
+            await between()
         for item in items[start : start + COPY_SLICE]:
             yield row(item)
 
@@ -126,7 +142,10 @@ async def _claim_by_statement(
 
 
 async def claim_new(
-    conn: asyncpg.Connection, readings: list[Reading], dedup_window_s: float
+    conn: asyncpg.Connection,
+    readings: list[Reading],
+    dedup_window_s: float,
+    between_slices: BetweenSlices = one_turn,
 ) -> tuple[list[Reading], int]:
     """Drop repeated (device_id, seq): within the batch here, across batches and
     restarts through the telemetry_dedup table. Readings without seq always pass."""
@@ -148,7 +167,9 @@ async def claim_new(
             async with conn.transaction():
                 await conn.copy_records_to_table(
                     "telemetry_dedup",
-                    records=_copy_rows(keys, lambda key: (*key, first_of_key[key].received_at)),
+                    records=_copy_rows(
+                        keys, lambda key: (*key, first_of_key[key].received_at), between_slices
+                    ),
                     columns=DEDUP_COLUMNS,
                 )
             if with_seq == len(first_of_key):
@@ -176,6 +197,7 @@ async def write_batch(
     turn: Turn | None = None,
     *,
     urgent: bool = False,
+    priority: Priority | None = None,
 ) -> WriteResult:
     # The rules lock (one writer of engine state at a time) is taken only for the rules
     # and the commit, not for the claim and the COPYs before them: the event lane's
@@ -185,15 +207,21 @@ async def write_batch(
     # `turn`: batches of one lane in flight together (ingest/consumer.py) run their rules
     # and commit in the lane's order; the claim and COPYs before need no order.
     # `urgent`: the event lane's batch takes the lock before any waiting bulk batch.
+    # `priority` (ingest/priority.py): while an event-lane batch is in flight, a bulk
+    # batch waits between its COPY slices, and runs its rules without yielding.
+    between_slices = one_turn if urgent or priority is None else priority.bulk_turn
+    hurry = _never if priority is None else priority.busy
     async with contextlib.AsyncExitStack() as holding:
         async with conn.transaction():
-            fresh, duplicates = await claim_new(conn, decoded.readings, dedup_window_s)
+            fresh, duplicates = await claim_new(
+                conn, decoded.readings, dedup_window_s, between_slices
+            )
             telemetry = [r for r in fresh if r.channel == "telemetry"]
             events = [_event_record(r) for r in fresh if r.channel == "event"]
             if telemetry:
                 await conn.copy_records_to_table(
                     "telemetry",
-                    records=_copy_rows(telemetry, _telemetry_record),
+                    records=_copy_rows(telemetry, _telemetry_record, between_slices),
                     columns=TELEMETRY_COLUMNS,
                 )
             if events and len(decoded.readings) <= SMALL_BATCH:
@@ -215,7 +243,7 @@ async def write_batch(
                 await turn.previous_committed()
             if rules is not None and fresh:
                 await holding.enter_async_context(rules.lock.hold(urgent=urgent))
-                evaluation = await rules.in_transaction(conn, fresh)
+                evaluation = await rules.in_transaction(conn, fresh, hurry)
         # Committed (an error above skips this): the engine's memory follows, then
         # `holding` releases the lock.
         if rules is not None and evaluation is not None:

@@ -189,14 +189,19 @@ class RulesService:
                  rebuilt, len(readings))  # fmt: skip
 
     # -- the ingest hook (called inside the batch transaction) ------------------------
-    async def in_transaction(self, conn: asyncpg.Connection, readings: list[Reading]) -> Evaluation:
+    async def in_transaction(
+        self,
+        conn: asyncpg.Connection,
+        readings: list[Reading],
+        hurry: Callable[[], bool] = lambda: False,
+    ) -> Evaluation:
         # In slices, letting the event loop run in between: a bulk batch's rules (~40 ms
         # for 2,000 readings) must not hold up the case intake's and the outbox's round trips.
-        # Not while an alarm event waits for the lock: then every turn given away makes it
-        # wait longer.
+        # Not while an alarm event waits for the lock, or is on its way to it (`hurry`):
+        # then every turn given away makes it wait longer.
         evaluation = Evaluation()
         for start in range(0, len(readings), EVALUATE_SLICE):
-            if start and not self.lock.waiting(urgent=True):
+            if start and not hurry() and not self.lock.waiting(urgent=True):
                 await asyncio.sleep(0)
             self.engine.evaluate_part(evaluation, readings[start : start + EVALUATE_SLICE])
         self.engine.finish(evaluation)

@@ -44,7 +44,9 @@ class RecordingRules:
         self.committed_seqs: list[int] = []
         self.fail_first_seq = fail_first_seq
 
-    async def in_transaction(self, conn: asyncpg.Connection, readings: list[Reading]) -> Any:
+    async def in_transaction(
+        self, conn: asyncpg.Connection, readings: list[Reading], hurry: Callable[[], bool]
+    ) -> Any:
         first = min(r.seq or 0 for r in readings)
         self.evaluated.append(first)
         self.batches.append([r.seq or 0 for r in readings])

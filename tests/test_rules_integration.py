@@ -307,7 +307,7 @@ async def test_a_rate_of_rise_spanning_a_restart_fires_though_its_samples_were_n
     assert '"rise": 9.0' in rows[0]["details"]
 
 
-async def test_a_bulk_batch_gives_no_turns_away_while_an_alarm_event_waits_for_the_lock(
+async def test_a_bulk_batch_gives_no_turns_away_while_an_alarm_event_waits_or_is_in_flight(
     database_url, mqtt_url, topic_prefix
 ):
     settings = settings_for(database_url, mqtt_url, topic_prefix)
@@ -328,15 +328,17 @@ async def test_a_bulk_batch_gives_no_turns_away_while_an_alarm_event_waits_for_t
                 turns += 1
                 await asyncio.sleep(0)
 
-        async def turns_given_away() -> int:
+        async def turns_given_away(hurry: bool = False) -> int:
             async with pool.acquire() as conn:
                 before = turns
-                await rules.in_transaction(conn, readings)
+                await rules.in_transaction(conn, readings, lambda: hurry)
                 return turns - before
 
         counter = asyncio.create_task(count_turns())
         await rules.lock.acquire()  # the bulk batch holds it
         alone = await turns_given_away()
+        # An alarm event's batch in flight, on its way to the lock (ingest/priority.py).
+        while_an_event_is_in_flight = await turns_given_away(hurry=True)
         waiter = asyncio.create_task(rules.lock.acquire(urgent=True))
         await asyncio.sleep(0)
         assert rules.lock.waiting(urgent=True) == 1
@@ -348,6 +350,7 @@ async def test_a_bulk_batch_gives_no_turns_away_while_an_alarm_event_waits_for_t
     finally:
         await pool.close()
     assert alone >= 4  # a turn between each two slices
+    assert while_an_event_is_in_flight == 0
     assert while_waited_for == 0
 
 

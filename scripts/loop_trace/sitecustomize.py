@@ -14,8 +14,9 @@ GW_MEM_DUMP=1          with PYTHONTRACEMALLOC=1: on SIGUSR2, the 40 source lines
 
     PYTHONPATH=scripts/loop_trace GW_SLOW_CALLBACKS=15 .venv/bin/gridwarden bench --json
 
-Wall time, not CPU time: on a busy machine a callback also looks slow while the process
-waits for a core. How *Periodic work in small callbacks* (README, Performance) was found.
+Wall time, and the thread's CPU time beside it (`cpu=`): on a busy machine a callback
+also looks slow while the process waits for a core. How *Periodic work in small
+callbacks* (README, Performance) was found.
 """
 
 from __future__ import annotations
@@ -52,15 +53,16 @@ def _trace_slow_callbacks(threshold_ms: float) -> None:
         task = getattr(callback, "__self__", None)
         is_task = hasattr(task, "get_coro")
         before = _position(task) if is_task else ""
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         run(handle)
         took_ms = (time.perf_counter() - started) * 1000
         if took_ms > threshold_ms:
+            cpu_ms = (time.thread_time() - started_cpu) * 1000
             if is_task:
                 what = f"{task.get_coro().__qualname__} FROM {before} TO {_position(task)}"  # type: ignore[union-attr]
             else:
                 what = repr(callback)[:150]
-            out.write(f"{time.time():.3f} {took_ms:.1f}ms {what}\n")
+            out.write(f"{time.time():.3f} {took_ms:.1f}ms cpu={cpu_ms:.1f}ms {what}\n")
             out.flush()
 
     asyncio.events.Handle._run = timed_run  # type: ignore[method-assign]
@@ -85,16 +87,17 @@ def _trace_gc_pauses(threshold_ms: float) -> None:
     import gc
 
     out = (HERE / f"gc-pauses.{os.getpid()}").open("a")
-    started = [0.0]
+    started = [0.0, 0.0]
 
     def callback(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            started[0] = time.perf_counter()
+            started[:] = time.perf_counter(), time.thread_time()
             return
         took_ms = (time.perf_counter() - started[0]) * 1000
         if took_ms > threshold_ms:
-            out.write(f"{time.time():.3f} {took_ms:.1f}ms gen{info['generation']} "
-                      f"collected={info['collected']}\n")  # fmt: skip
+            cpu_ms = (time.thread_time() - started[1]) * 1000
+            out.write(f"{time.time():.3f} {took_ms:.1f}ms cpu={cpu_ms:.1f}ms "
+                      f"gen{info['generation']} collected={info['collected']}\n")  # fmt: skip
             out.flush()
 
     gc.callbacks.append(callback)
