@@ -70,7 +70,8 @@ RECEIVE_MAXIMUM_BATCHES = 5
 # Batches of one lane writing at once: one's claim and COPYs overlap the other's rules and
 # commit (PostgreSQL works while Python does).
 PIPELINE_DEPTH = 2
-EVENT_LANE_MAX_DELAY_S = 0.005  # events are few: commit them nearly one by one
+# The first event goes at once; those arriving while it commits gather into the next batch.
+EVENT_LANE_MAX_DELAY_S = 0.0
 EVENT_LANE_RECEIVE_MAXIMUM = 1000
 DECODE_SLICE = 100  # messages decoded between two turns of the event loop (~2-3 ms)
 UNKNOWN = "unknown_device"
