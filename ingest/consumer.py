@@ -57,7 +57,7 @@ from ingest.mqtt_source import MqttSource
 from ingest.priority import Priority
 from ingest.shards import ShardMap
 from ingest.topics import event_subscriptions, subscriptions
-from ingest.writer import RulesHook, Turn, WriteResult, one_turn, write_batch
+from ingest.writer import RulesHook, Turn, WriteResult, write_batch
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +373,7 @@ class IngestService:
         """Decode in slices, letting the event loop run in between: the event lane, the
         outbox and the HTTP API must not wait for a whole bulk batch."""
         decoded = Decoded() if into is None else into
-        between = one_turn if lane.urgent else self.priority.bulk_turn
+        between = self.priority.between_slices(lane.urgent)
         for start in range(0, len(batch), DECODE_SLICE):
             if start:
                 await between()

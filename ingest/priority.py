@@ -16,9 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 MAX_PAUSE_S = 0.1
+
+# What runs between two slices of work: a turn of the event loop, or `Priority.bulk_turn`.
+BetweenSlices = Callable[[], Awaitable[None]]
+
+
+async def one_turn() -> None:
+    await asyncio.sleep(0)
 
 
 class Priority:
@@ -42,12 +49,20 @@ class Priority:
     def busy(self) -> bool:
         return bool(self._urgent)
 
+    def between_slices(self, urgent: bool) -> BetweenSlices:
+        """For the event lane's own work a plain turn; for the bulk lane's, `bulk_turn`."""
+        return one_turn if urgent else self.bulk_turn
+
     async def bulk_turn(self) -> None:
         """Between two slices of bulk work: one turn of the event loop, or, while an
         urgent batch is in flight, until it is done (at most MAX_PAUSE_S)."""
         if not self._urgent:
-            await asyncio.sleep(0)
+            await one_turn()
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(MAX_PAUSE_S):
                 await self._clear.wait()
+
+
+# For a writer without an ingest service (tests, tools): never busy, so never a pause.
+NO_PRIORITY = Priority()

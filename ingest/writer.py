@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -15,7 +15,7 @@ import orjson
 from gridwarden.db import query
 from ingest.decode import Decoded, Reading
 from ingest.models import BOOLEAN_FIELDS, NUMERIC_FIELDS
-from ingest.priority import Priority
+from ingest.priority import NO_PRIORITY, BetweenSlices, Priority, one_turn
 from rules.lock import RulesLock
 
 TELEMETRY_COLUMNS = ("time", "device_id", "seq", "received_at", *NUMERIC_FIELDS,
@@ -35,17 +35,6 @@ SMALL_BATCH = 50
 COPY_SLICE = 250
 
 T = TypeVar("T")
-# What runs between two COPY slices: a turn of the event loop, or the bulk lane's
-# `Priority.bulk_turn` (which also waits for an alarm event's batch).
-BetweenSlices = Callable[[], Awaitable[None]]
-
-
-async def one_turn() -> None:
-    await asyncio.sleep(0)
-
-
-def _never() -> bool:
-    return False
 
 
 class RulesHook(Protocol):
@@ -197,7 +186,7 @@ async def write_batch(
     turn: Turn | None = None,
     *,
     urgent: bool = False,
-    priority: Priority | None = None,
+    priority: Priority = NO_PRIORITY,
 ) -> WriteResult:
     # The rules lock (one writer of engine state at a time) is taken only for the rules
     # and the commit, not for the claim and the COPYs before them: the event lane's
@@ -209,8 +198,7 @@ async def write_batch(
     # `urgent`: the event lane's batch takes the lock before any waiting bulk batch.
     # `priority` (ingest/priority.py): while an event-lane batch is in flight, a bulk
     # batch waits between its COPY slices, and runs its rules without yielding.
-    between_slices = one_turn if urgent or priority is None else priority.bulk_turn
-    hurry = _never if priority is None else priority.busy
+    between_slices = priority.between_slices(urgent)
     async with contextlib.AsyncExitStack() as holding:
         async with conn.transaction():
             fresh, duplicates = await claim_new(
@@ -243,7 +231,7 @@ async def write_batch(
                 await turn.previous_committed()
             if rules is not None and fresh:
                 await holding.enter_async_context(rules.lock.hold(urgent=urgent))
-                evaluation = await rules.in_transaction(conn, fresh, hurry)
+                evaluation = await rules.in_transaction(conn, fresh, priority.busy)
         # Committed (an error above skips this): the engine's memory follows, then
         # `holding` releases the lock.
         if rules is not None and evaluation is not None:

@@ -193,7 +193,7 @@ class RulesService:
         self,
         conn: asyncpg.Connection,
         readings: list[Reading],
-        hurry: Callable[[], bool] = lambda: False,
+        hurry: Callable[[], bool],
     ) -> Evaluation:
         # In slices, letting the event loop run in between: a bulk batch's rules (~40 ms
         # for 2,000 readings) must not hold up the case intake's and the outbox's round trips.
