@@ -23,6 +23,9 @@ Phases (each at most `duration` seconds of measuring):
    alarms/cases and commit; the rate is `gridwarden_ingest_stored_total{table="telemetry"}`
    (rows committed) from /metrics over a steady window (after a warm-up) of at most
    `duration` seconds. The service is then stopped and the rest of its queue discarded.
+   `ingest_cpu_cores`: the cores used over the same window by the service, PostgreSQL
+   (postmaster and backends), the broker, everything else (the bench, the machine's own
+   services), and idle (`gridwarden.cpu_usage`; they add up to the machine's cores).
 4. **Latency at half rate.** The service restarts and is left to go quiet (its CPU under
    15 % of a core: the last phase's cases opened and notified). The load publishes at
    half the ingest rate (`--qos`) while the bench sends 20 alarm probes a second, each
@@ -149,6 +152,8 @@ from device_sim.load import (
     kind_of,
     probe_pool,
 )
+from gridwarden import cpu_usage
+from gridwarden.cpu_usage import CpuSample
 from ingest.mqtt_source import MqttSource
 
 if TYPE_CHECKING:
@@ -585,7 +590,6 @@ def _acked_rate(summary: dict[str, Any]) -> float:
 
 
 # --------------------------------------------------------------------------- the service
-CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -604,9 +608,10 @@ class Service:
 
     def cpu_s(self) -> float:
         """utime + stime of the service process so far (all its threads)."""
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        cpu = cpu_usage.process_cpu_s(self.proc.pid)
+        if cpu is None:
+            raise RuntimeError(f"the service exited: {self.log_path.read_text()[-3000:]}")
+        return cpu
 
     def metrics(self) -> list[str]:
         """The lines of the service's /metrics."""
@@ -626,6 +631,9 @@ class Service:
                 bound = line.split('le="', 1)[1].split('"', 1)[0]
                 buckets[float(bound)] = float(line.split()[-1])
         return buckets
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid]
 
     def stop(self) -> int:
         self.vm_hwm_kb()
@@ -647,6 +655,9 @@ class ServiceGroup:
 
     def stored(self) -> float:
         return sum(service.stored() for service in self.services)
+
+    def pids(self) -> list[int]:
+        return [service.proc.pid for service in self.services]
 
     def vm_hwm_kb(self) -> int:
         return max(service.vm_hwm_kb() for service in self.services)
@@ -721,37 +732,69 @@ def start_service(
     raise RuntimeError(f"the service was not ready in {READY_TIMEOUT_S:.0f} s")
 
 
+def cpu_groups(
+    service: Service | ServiceGroup, postgres: EmbeddedPostgres, mosquitto: EmbeddedMosquitto
+) -> Callable[[], dict[str, list[int]]]:
+    """The processes whose CPU `measure_ingest` notes, looked up at each sample (backends
+    come and go)."""
+
+    def groups() -> dict[str, list[int]]:
+        postmaster, broker = postgres.running_pid(), mosquitto.running_pid()
+        return {
+            "service": service.pids(),
+            "postgres": cpu_usage.with_children(postmaster) if postmaster else [],
+            "broker": [broker] if broker else [],
+        }
+
+    return groups
+
+
+@dataclass(frozen=True)
+class IngestRate:
+    msgs_per_s: float
+    # Cores used over the same window: by the service, PostgreSQL, the broker, anything
+    # else, and idle (gridwarden/cpu_usage.py).
+    cpu_cores: dict[str, float]
+
+
 def measure_ingest(
-    service: Service | ServiceGroup, cap_s: float, backlog: int, progress: Callable[[str], None]
-) -> float:
-    """Committed telemetry rows per second over a steady window of the backlog drain."""
+    service: Service | ServiceGroup,
+    cap_s: float,
+    backlog: int,
+    progress: Callable[[str], None],
+    cpu_groups: Callable[[], dict[str, list[int]]],
+) -> IngestRate:
+    """Committed telemetry rows per second over a steady window of the backlog drain, and
+    where the cores went meanwhile."""
     start = time.monotonic()
-    samples: list[tuple[float, float]] = []
+    samples: list[tuple[float, float, CpuSample]] = []
     while True:
         now, stored = time.monotonic(), service.stored()
         service.vm_hwm_kb()
-        samples.append((now, stored))
-        if stored > 0 and not any(s for _, s in samples[:-1]):
+        samples.append((now, stored, cpu_usage.sample(now, cpu_groups())))
+        if stored > 0 and not any(s for _, s, _ in samples[:-1]):
             progress(f"ingest: first rows committed {now - start:.1f} s after start")
-        active = [(t, s) for t, s in samples if s > 0]
+        active = [t for t, s, _ in samples if s > 0]
         if active:
-            t_first = active[0][0]
-            if now - t_first >= WARMUP_S + cap_s or stored >= backlog * 0.98:
+            if now - active[0] >= WARMUP_S + cap_s or stored >= backlog * 0.98:
                 break
             if len(samples) > 4 and samples[-5][1] == stored and stored > 0:
                 break  # nothing more committed for 2 s: drained (or stuck)
         elif now - start > 120:
             raise RuntimeError("the service committed nothing within 120 s")
         time.sleep(0.5)
-    t_first = next(t for t, s in samples if s > 0)
-    window = [(t, s) for t, s in samples if t >= t_first + WARMUP_S] or samples
+    t_first = next(t for t, s, _ in samples if s > 0)
+    window = [sample for sample in samples if sample[0] >= t_first + WARMUP_S] or samples
     # Up to the last increase (the drain may end inside the window).
     end = max(range(len(window)), key=lambda k: (window[k][1], -k))
-    (t0, s0), (t1, s1) = window[0], window[end]
-    if t1 <= t0:  # drained within the warm-up: the whole run
-        (t0, s0), (t1, s1) = samples[0], samples[-1]
+    first, last = window[0], window[end]
+    if last[0] <= first[0]:  # drained within the warm-up: the whole run
+        first, last = samples[0], samples[-1]
+    (t0, s0, cpu0), (t1, s1, cpu1) = first, last
     progress(f"ingest: {s1 - s0:,.0f} rows over {t1 - t0:.1f} s (of {stored:,.0f} committed)")
-    return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+    cores = cpu_usage.cores_used(cpu0, cpu1)
+    progress("ingest: cores used meanwhile: " + ", ".join(f"{k} {v:.2f}" for k, v in cores.items()))
+    return IngestRate((s1 - s0) / (t1 - t0) if t1 > t0 else 0.0, cores)
 
 
 # --------------------------------------------------------------------------- latency
@@ -1076,11 +1119,14 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
         progress("ingest: starting `gridwarden up` on the queued backlog")
         service = start_service(dsn, mqtt_url, root, "ingest")
         try:
-            ingest = measure_ingest(service, config.duration, backlog, progress)
+            measured = measure_ingest(service, config.duration, backlog, progress,
+                                      cpu_groups(service, postgres, mosquitto))  # fmt: skip
         finally:
             rss = [service.stop()]
         drop_service_sessions(mqtt_url)  # and the rest of the backlog
+        ingest = measured.msgs_per_s
         out["ingest_msgs_per_s"] = round(ingest, 1)
+        out["ingest_cpu_cores"] = measured.cpu_cores
 
         # 4./5. Latency.
         # PROBE_RATE probes per second in each phase (each probe opens a case): at half
@@ -1136,19 +1182,19 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
 
         if config.scaling:
             out["scaling"] = run_scaling(
-                config, postgres, dsn, mqtt_url, root, ingest, backlog, progress
+                config, postgres, mosquitto, dsn, mqtt_url, root, ingest, backlog, progress
             )
         if config.processes:
-            out["by_processes"] = run_processes(config, dsn, mqtt_url, root, ingest, backlog,
-                                                progress)  # fmt: skip
+            out["by_processes"] = run_processes(config, (postgres, mosquitto), dsn, mqtt_url,
+                                                root, ingest, backlog, progress)  # fmt: skip
     out["wall_s"] = round(time.monotonic() - t_start, 1)
     return out
 
 
 # --------------------------------------------------------------------------- processes
 def run_processes(
-    config: BenchConfig, dsn: str, mqtt_url: str, root: Path, ingest: float, backlog: int,
-    progress: Callable[[str], None],
+    config: BenchConfig, servers: tuple[EmbeddedPostgres, EmbeddedMosquitto], dsn: str,
+    mqtt_url: str, root: Path, ingest: float, backlog: int, progress: Callable[[str], None],
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Ingest throughput with N `gridwarden up` processes sharing N ingest shards.
 
@@ -1178,16 +1224,18 @@ def run_processes(
                 timeout=900,
             )  # fmt: skip
             group.signal(signal.SIGCONT)
-            rate = measure_ingest(group, config.duration, size, progress)
+            measured = measure_ingest(group, config.duration, size, progress,
+                                      cpu_groups(group, *servers))  # fmt: skip
         finally:
             group.signal(signal.SIGCONT)
             peak = group.stop()
         drop_service_sessions(mqtt_url, count)
         rows.append({
-            "processes": count, "ingest_msgs_per_s": round(rate, 1), "shards_owned": owned,
-            "peak_rss_mb_per_process": round(peak / 1024, 1),
+            "processes": count, "ingest_msgs_per_s": round(measured.msgs_per_s, 1),
+            "shards_owned": owned, "peak_rss_mb_per_process": round(peak / 1024, 1),
+            "cpu_cores": measured.cpu_cores,
         })  # fmt: skip
-        progress(f"processes: {count}: {rate:,.0f} msg/s")
+        progress(f"processes: {count}: {measured.msgs_per_s:,.0f} msg/s")
     return rows
 
 
@@ -1258,8 +1306,8 @@ def wait_quiet(service: Service, progress: Callable[[str], None], what: str) -> 
 
 
 def run_scaling(
-    config: BenchConfig, postgres: EmbeddedPostgres, dsn: str, mqtt_url: str, root: Path,
-    ingest: float, backlog: int, progress: Callable[[str], None],
+    config: BenchConfig, postgres: EmbeddedPostgres, mosquitto: EmbeddedMosquitto, dsn: str,
+    mqtt_url: str, root: Path, ingest: float, backlog: int, progress: Callable[[str], None],
 ) -> dict[str, Any]:  # fmt: skip
     from gridwarden.migrate import migrate
 
@@ -1308,7 +1356,8 @@ def run_scaling(
         )  # fmt: skip
         service = start_service(scaling_dsn, mqtt_url, root, f"scaling-{devices}")
         try:
-            rate = measure_ingest(service, config.duration, size, progress)
+            groups = cpu_groups(service, postgres, mosquitto)
+            rate = measure_ingest(service, config.duration, size, progress, groups).msgs_per_s
         finally:
             peak = service.stop()
         drop_service_sessions(mqtt_url)
@@ -1336,7 +1385,12 @@ def render_table(result: dict[str, Any], console: Console) -> None:
     for key, value in result.items():
         if key in ("scaling", "by_processes"):
             continue
-        shown = f"{value:,.1f}" if isinstance(value, float) else str(value)
+        if isinstance(value, float):
+            shown = f"{value:,.1f}"
+        elif key == "ingest_cpu_cores":
+            shown = ", ".join(f"{name} {cores:.2f}" for name, cores in value.items())
+        else:
+            shown = str(value)
         table.add_row(key, shown)
     console.print(table)
     scaling = result.get("scaling")
@@ -1348,12 +1402,14 @@ def render_table(result: dict[str, Any], console: Console) -> None:
 
 def render_processes(rows: list[dict[str, Any]], console: Console) -> None:
     table = Table(title="ingest by processes sharing ingest shards")
-    for column in ("processes", "ingest msg/s", "shards owned", "peak RSS MB per process"):
+    for column in ("processes", "ingest msg/s", "shards owned", "peak RSS MB per process",
+                   "cores: service / PostgreSQL / broker / other / idle"):  # fmt: skip
         table.add_column(column, justify="right")
     for row in rows:
         rate, rss = row["ingest_msgs_per_s"], row["peak_rss_mb_per_process"]
         owned = str(row["shards_owned"])
-        table.add_row(str(row["processes"]), f"{rate:,.0f}", owned, f"{rss:,.0f}")
+        cores = " / ".join(f"{v:.2f}" for v in row["cpu_cores"].values())
+        table.add_row(str(row["processes"]), f"{rate:,.0f}", owned, f"{rss:,.0f}", cores)
     console.print(table)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -156,11 +157,20 @@ def test_bench_json_has_every_figure() -> None:
         "alarm_saturated": 0, "notify_saturated": 0,
     }  # fmt: skip
 
+    # Where the cores went while ingesting: the service busy, the parts the whole machine.
+    cores = result["ingest_cpu_cores"]
+    assert list(cores) == ["service", "postgres", "broker", "other", "idle"]
+    assert cores["service"] > 0
+    assert all(value >= 0 for value in cores.values())
+    cpus = os.cpu_count() or 1
+    assert abs(sum(cores.values()) - cpus) < 0.25 * cpus, cores
+
     # Two processes share the two ingest shards, one each, and both commit.
     assert [row["processes"] for row in result["by_processes"]] == [1, 2]
     assert [row["shards_owned"] for row in result["by_processes"]] == [[1], [1, 1]]
     for row in result["by_processes"]:
         _positive(row, "ingest_msgs_per_s")
+        assert row["cpu_cores"]["service"] > 0
 
     scaling = result["scaling"]
     assert [row["devices"] for row in scaling["by_devices"]] == list(SCALING_SIZES)
