@@ -735,11 +735,11 @@ def start_service(
 def cpu_groups(
     service: Service | ServiceGroup, postgres: EmbeddedPostgres, mosquitto: EmbeddedMosquitto
 ) -> Callable[[], dict[str, list[int]]]:
-    """The processes whose CPU `measure_ingest` notes, looked up at each sample (backends
-    come and go)."""
+    """The processes whose CPU `measure_ingest` notes. The servers run throughout; the
+    backends are looked up at each sample (they come and go)."""
+    postmaster, broker = postgres.running_pid(), mosquitto.running_pid()
 
     def groups() -> dict[str, list[int]]:
-        postmaster, broker = postgres.running_pid(), mosquitto.running_pid()
         return {
             "service": service.pids(),
             "postgres": cpu_usage.with_children(postmaster) if postmaster else [],

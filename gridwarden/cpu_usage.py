@@ -17,13 +17,19 @@ _IDLE_FIELDS: Final = (3, 4)
 _BUSY_FIELDS: Final = (0, 1, 2, 5, 6, 7)
 
 
+def _stat_fields(pid: int | str) -> list[str]:
+    """/proc/<pid>/stat after the command name (which may hold spaces and parentheses):
+    state, ppid, … (field 3 onwards of proc(5))."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def process_cpu_s(pid: int) -> float | None:
     """utime + stime of a process so far (all its threads); None once it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = _stat_fields(pid)
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
@@ -34,8 +40,7 @@ def with_children(pid: int) -> list[int]:
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = (entry / "stat").read_text()
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+            if int(_stat_fields(entry.name)[1]) == pid:
                 found.append(int(entry.name))
     return found
 
