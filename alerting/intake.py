@@ -52,7 +52,7 @@ from prometheus_client import Counter, Gauge
 from alerting.cases import link_alarms, open_cases_for_alarms
 from gridwarden.clock import Clock, SystemClock
 from gridwarden.config import Settings
-from gridwarden.db import query
+from gridwarden.db import DB_UNAVAILABLE, query
 from gridwarden.supervisor import TaskFn
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ for _outcome in OUTCOMES:
     HANDLED.labels(_outcome)
 
 # Any database error: the run loop logs it and tries again with backoff.
-_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_DB_ERRORS = DB_UNAVAILABLE
 # The connection or the server, not the row: never a reason to move a row aside.
 _TRANSIENT = (
     OSError,

@@ -54,7 +54,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import Counter, Gauge
 
 from alerting.alarm_json import OUTBOX_CHANNEL
-from gridwarden.db import query
+from gridwarden.db import DB_UNAVAILABLE, query
 from gridwarden.mqtt_url import parse_mqtt_url
 from gridwarden.supervisor import TaskFn
 
@@ -85,7 +85,7 @@ WEBHOOKS_POSTED = Counter(
 )
 LAG = Gauge("gridwarden_outbox_lag_seconds", "Age of the oldest unpublished outbox row")
 
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+_DB_ERRORS = DB_UNAVAILABLE
 
 
 class _BrokerDown(Exception):

@@ -44,7 +44,7 @@ from prometheus_client import Counter, Gauge
 from alerting.cases import LEVELS, OPEN_STATES, SYSTEM, dispatch, escalate, find_assignee
 from gridwarden.clock import Clock, SystemClock
 from gridwarden.config import Settings
-from gridwarden.db import query
+from gridwarden.db import DB_UNAVAILABLE, query
 from gridwarden.supervisor import TaskFn
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ _CONNECTION_ERRORS = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
 )
-_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_DB_ERRORS = DB_UNAVAILABLE
 
 
 def _policy(case: asyncpg.Record) -> dict[str, Any]:

@@ -37,6 +37,15 @@ def query(name: str) -> str:
     return queries()[name]
 
 
+# The database is down, unreachable or dropped a connection: log, wait, try again. Includes
+# asyncpg's InternalClientError, raised when a connection is reused while a statement that
+# an outage cut short is still in progress on it (seen in the SLA timers' outage test).
+DB_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)  # fmt: skip
+
+
 # No statement of the service takes this long (a batch commits in well under a second):
 # past it the connection is taken for dead (a half-open TCP connection never answers and
 # would stall its task for the ~15 minutes the kernel takes to give up), and the caller's

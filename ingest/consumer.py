@@ -48,7 +48,7 @@ import asyncpg
 import orjson
 
 from gridwarden.config import Settings
-from gridwarden.db import query
+from gridwarden.db import DB_UNAVAILABLE, query
 from gridwarden.keys import credential_hash_key
 from ingest import metrics
 from ingest.decode import DeadLetter, Decoded, Decoder, RawMessage, Reading, credential_key
@@ -84,7 +84,7 @@ _UNWRITABLE = (orjson.JSONEncodeError, RecursionError)
 # A batch's write failed: the database refused its data (retried message by message, the
 # culprit dead-lettered), or was unavailable (retried with backoff). Anything else is a bug.
 _REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, *_UNWRITABLE)
-_UNAVAILABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+_UNAVAILABLE = DB_UNAVAILABLE
 
 T = TypeVar("T")
 AfterCommit = Callable[[list[Reading]], Awaitable[None]]

@@ -497,6 +497,31 @@ async def test_the_timer_survives_a_database_outage(
     assert (await case_row(pool, case_id))["assignee"] == "w-lead"
 
 
+async def test_a_connection_left_mid_statement_by_an_outage_fails_one_tick_not_the_timer(
+    pool: asyncpg.Pool, topic_prefix: str
+) -> None:
+    """asyncpg raises InternalClientError (not an InterfaceError) when a connection is
+    reused while a statement an outage cut short is still in progress on it; seen once in
+    the outage test above, where it ended the task. Provoked here by hand: the tick fails
+    once, the next tick runs."""
+    ticks: list[str] = []
+
+    class FlakyTimers(SlaTimers):
+        async def tick_once(self) -> int:
+            ticks.append("tick")
+            if len(ticks) == 1:
+                raise asyncpg.InternalClientError("cannot switch to state 15")
+            return await super().tick_once()
+
+    stop = asyncio.Event()
+    timers = FlakyTimers(pool, sla_settings(topic_prefix, sla_tick_s=0.02), ManualClock(T0))
+    running = asyncio.ensure_future(timers.run(stop))
+    await wait_for(lambda: asyncio.sleep(0.01, len(ticks)), lambda n: n >= 3)
+    assert not running.done()
+    stop.set()
+    await asyncio.wait_for(running, 5)
+
+
 async def test_real_time_a_deadline_fires_within_seconds(
     pool: asyncpg.Pool, topic_prefix: str
 ) -> None:
