@@ -756,6 +756,36 @@ class IngestRate:
     # else, and idle (gridwarden/cpu_usage.py).
     cpu_cores: dict[str, float]
 
+    def cpu_us_per_msg(self) -> dict[str, float]:
+        """CPU time per committed message of the service, PostgreSQL and the broker."""
+        if self.msgs_per_s <= 0:
+            return {}
+        return {
+            name: round(self.cpu_cores[name] / self.msgs_per_s * 1e6, 2)
+            for name in ("service", "postgres", "broker")
+            if name in self.cpu_cores
+        }
+
+
+def ceiling_msgs_per_s(per_msg_us: dict[str, float], machine_cores: int) -> float | None:
+    """The rate at which PostgreSQL and the broker alone, at their CPU cost per message
+    measured while ingesting, would keep every core of the machine busy: an upper bound
+    for any service that stores each message there, even one that costs nothing itself
+    (an estimate: both may get cheaper per message in bigger batches at higher rates)."""
+    floor_us = per_msg_us.get("postgres", 0.0) + per_msg_us.get("broker", 0.0)
+    return round(machine_cores / floor_us * 1e6, 1) if floor_us > 0 else None
+
+
+def cpu_us_per_msg(first: CpuSample, last: CpuSample, messages: int) -> dict[str, float]:
+    """CPU time per message of each group between two samples (whatever else the window
+    held, a drain's connect and its idle wait for the end, costs next to nothing)."""
+    if messages <= 0:
+        return {}
+    return {
+        name: round(seconds / messages * 1e6, 2)
+        for name, seconds in cpu_usage.cpu_seconds(first, last).items()
+    }
+
 
 def measure_ingest(
     service: Service | ServiceGroup,
@@ -1098,11 +1128,18 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
 
         # 2. Baselines, each on its own session of the same stream.
         rates: dict[str, float] = {}
+        baseline_cpu: dict[str, dict[str, float]] = {}
         persistence = root / "data" / "mosquitto" / "mosquitto.db"
+        broker_pid = mosquitto.running_pid()
+        consumer_groups = {"consumer": [os.getpid()], "broker": [broker_pid] if broker_pid else []}
         for name, client_id, drain in baselines:
             _note_persistence(out, persistence)
             progress(f"baseline: bare {name} draining the backlog")
+            before = cpu_usage.sample(time.monotonic(), consumer_groups)
             res = drain(mqtt_url, backlog, config.duration)
+            baseline_cpu[name] = cpu_us_per_msg(
+                before, cpu_usage.sample(time.monotonic(), consumer_groups), res.received
+            )
             prepare_session(mqtt_url, client_id, subscribe=False)
             rates[name] = res.rate
             out[BASELINE_KEYS[name]] = round(res.rate, 1)
@@ -1114,6 +1151,7 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
         fastest_client, fastest = max(rates.items(), key=lambda kv: kv[1])
         out["baseline_fastest_msgs_per_s"] = round(fastest, 1)
         out["baseline_fastest_client"] = fastest_client
+        out["baseline_fastest_cpu_us_per_msg"] = baseline_cpu[fastest_client]
 
         # 3. Ingest.
         progress("ingest: starting `gridwarden up` on the queued backlog")
@@ -1127,6 +1165,11 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
         ingest = measured.msgs_per_s
         out["ingest_msgs_per_s"] = round(ingest, 1)
         out["ingest_cpu_cores"] = measured.cpu_cores
+        out["ingest_cpu_us_per_msg"] = measured.cpu_us_per_msg()
+        ceiling = ceiling_msgs_per_s(out["ingest_cpu_us_per_msg"], os.cpu_count() or 1)
+        out["ingest_ceiling_msgs_per_s"] = ceiling
+        progress(f"ingest: CPU µs a message {out['ingest_cpu_us_per_msg']}; PostgreSQL "
+                 f"and the broker alone fill the machine at {ceiling or 0:,.0f} msg/s")  # fmt: skip
 
         # 4./5. Latency.
         # PROBE_RATE probes per second in each phase (each probe opens a case): at half
@@ -1179,6 +1222,9 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
             round(ingest / rates["aiomqtt"], 3) if rates["aiomqtt"] else None
         )
         out["ratio_ingest_to_fastest"] = round(ingest / fastest, 3) if fastest else None
+        out["ratio_ceiling_to_fastest"] = (
+            round(ceiling / fastest, 3) if ceiling and fastest else None
+        )
 
         if config.scaling:
             out["scaling"] = run_scaling(
@@ -1387,8 +1433,9 @@ def render_table(result: dict[str, Any], console: Console) -> None:
             continue
         if isinstance(value, float):
             shown = f"{value:,.1f}"
-        elif key == "ingest_cpu_cores":
-            shown = ", ".join(f"{name} {cores:.2f}" for name, cores in value.items())
+        elif key in ("ingest_cpu_cores", "ingest_cpu_us_per_msg",
+                     "baseline_fastest_cpu_us_per_msg"):  # fmt: skip
+            shown = ", ".join(f"{name} {amount:.2f}" for name, amount in value.items())
         else:
             shown = str(value)
         table.add_row(key, shown)

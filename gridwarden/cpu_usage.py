@@ -67,18 +67,25 @@ def sample(at: float, groups: dict[str, list[int]]) -> CpuSample:
     )
 
 
-def cores_used(first: CpuSample, last: CpuSample) -> dict[str, float]:
-    """Cores each group used between two samples (CPU seconds per second), then `other`
-    (busy, but none of the groups: the load, the bench, the rest of the machine) and
-    `idle`. They add up to the machine's cores. A process that started in between counts
-    from its start; one that ended in between is missed (what it used is in `other`)."""
-    wall = last.at - first.at
-    if wall <= 0:
-        return {}
+def cpu_seconds(first: CpuSample, last: CpuSample) -> dict[str, float]:
+    """CPU seconds each group used between two samples. A process that started in between
+    counts from its start; one that ended in between is missed."""
     used: dict[str, float] = {}
     for name, now in last.by_group.items():
         before = first.by_group.get(name, {})
-        used[name] = sum(cpu - before.get(pid, 0.0) for pid, cpu in now.items()) / wall
+        used[name] = sum(cpu - before.get(pid, 0.0) for pid, cpu in now.items())
+    return used
+
+
+def cores_used(first: CpuSample, last: CpuSample) -> dict[str, float]:
+    """Cores each group used between two samples (CPU seconds per second), then `other`
+    (busy, but none of the groups: the load, the bench, the rest of the machine) and
+    `idle`. They add up to the machine's cores (what a process that ended in between used
+    is in `other`)."""
+    wall = last.at - first.at
+    if wall <= 0:
+        return {}
+    used = {name: seconds / wall for name, seconds in cpu_seconds(first, last).items()}
     busy = (last.busy_s - first.busy_s) / wall
     # Ticks are counted apart for the machine and each process: `other` can come out a
     # hair below zero.

@@ -29,7 +29,8 @@ from device_sim.load import (
     kind_of,
     probe_pool,
 )
-from gridwarden.bench import lag_quantile_ms
+from gridwarden.bench import IngestRate, ceiling_msgs_per_s, cpu_us_per_msg, lag_quantile_ms
+from gridwarden.cpu_usage import CpuSample
 
 REQUIRED = (
     "baseline_aiomqtt_msgs_per_s", "baseline_fastest_msgs_per_s", "ingest_msgs_per_s",
@@ -128,6 +129,27 @@ def test_the_loop_lag_quantile_is_read_from_the_histogram_between_two_scrapes() 
     assert lag_quantile_ms({}, {}, 0.99) is None
 
 
+def test_cpu_per_message_is_each_groups_cpu_time_over_the_messages() -> None:
+    first = CpuSample(0.0, 0.0, 0.0, {"consumer": {1: 10.0}, "broker": {2: 3.0}})
+    last = CpuSample(4.0, 0.0, 0.0, {"consumer": {1: 10.5}, "broker": {2: 3.2}})
+    assert cpu_us_per_msg(first, last, 100_000) == {"consumer": 5.0, "broker": 2.0}
+    assert cpu_us_per_msg(first, last, 0) == {}  # nothing received: no figure
+
+
+def test_the_ceiling_is_where_postgres_and_the_broker_alone_fill_every_core() -> None:
+    # 20,000 msg/s with PostgreSQL at 0.3 and the broker at 0.1 of a core: 15 and 5 µs of
+    # CPU a message; 20 µs a message fills two cores at 100,000 msg/s, whatever the
+    # service costs (its 0.9 of a core is not part of the bound).
+    measured = IngestRate(20_000.0, {"service": 0.9, "postgres": 0.3, "broker": 0.1,
+                                     "other": 0.1, "idle": 0.6})  # fmt: skip
+    per_msg = measured.cpu_us_per_msg()
+    assert per_msg == {"service": 45.0, "postgres": 15.0, "broker": 5.0}
+    assert ceiling_msgs_per_s(per_msg, 2) == 100_000.0
+    assert ceiling_msgs_per_s(per_msg, 4) == 200_000.0
+    assert IngestRate(0.0, measured.cpu_cores).cpu_us_per_msg() == {}
+    assert ceiling_msgs_per_s({}, 2) is None  # nothing measured: no bound claimed
+
+
 def test_bench_json_has_every_figure() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "gridwarden", "bench", "--devices", "200", "--duration", "1.5",
@@ -164,6 +186,20 @@ def test_bench_json_has_every_figure() -> None:
     assert all(value >= 0 for value in cores.values())
     cpus = os.cpu_count() or 1
     assert abs(sum(cores.values()) - cpus) < 0.25 * cpus, cores
+    # The same window per committed message, and the bound PostgreSQL and the broker set.
+    per_msg = result["ingest_cpu_us_per_msg"]
+    assert list(per_msg) == ["service", "postgres", "broker"]
+    assert per_msg["service"] > 0
+    assert per_msg["postgres"] > 0
+    ceiling = result["ingest_ceiling_msgs_per_s"]
+    assert ceiling == ceiling_msgs_per_s(per_msg, cpus)
+    assert result["ratio_ceiling_to_fastest"] == round(
+        ceiling / result["baseline_fastest_msgs_per_s"], 3
+    )
+    # The fastest bare consumer's own CPU a message, and the broker's for it.
+    fastest_cost = result["baseline_fastest_cpu_us_per_msg"]
+    assert list(fastest_cost) == ["consumer", "broker"]
+    assert fastest_cost["consumer"] > 0
 
     # Two processes share the two ingest shards, one each, and both commit.
     assert [row["processes"] for row in result["by_processes"]] == [1, 2]

@@ -21,6 +21,15 @@ def test_cores_are_the_deltas_per_second_with_other_and_idle_the_rest() -> None:
     }  # fmt: skip
 
 
+def test_cpu_seconds_are_each_groups_deltas_a_new_process_counted_from_its_start() -> None:
+    first = CpuSample(10.0, 100.0, 50.0, {"service": {1: 5.0}, "postgres": {2: 1.0, 3: 2.0}})
+    last = CpuSample(12.0, 103.0, 51.0, {"service": {1: 6.8}, "postgres": {2: 1.0, 3: 2.4, 4: 0.2}})
+    seconds = cpu_usage.cpu_seconds(first, last)
+    assert seconds.keys() == {"service", "postgres"}
+    assert round(seconds["service"], 9) == 1.8
+    assert round(seconds["postgres"], 9) == 0.6
+
+
 def test_other_never_goes_below_zero_and_an_empty_window_says_nothing() -> None:
     first = CpuSample(0.0, 10.0, 0.0, {"service": {1: 0.0}})
     last = CpuSample(1.0, 10.99, 1.0, {"service": {1: 1.0}})  # ticks counted apart
