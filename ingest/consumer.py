@@ -40,7 +40,7 @@ import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -97,6 +97,9 @@ class Lane:
     max_delay_s: float
     skip_events: bool  # the bulk lane: event messages are the event lane's
     urgent: bool = False  # the event lane: one batch at a time, first to the rules lock
+    # The bulk lane: batches decoded and handed over, not yet committed and acknowledged,
+    # in order (whose devices' readings a reading written ahead must not overtake).
+    unfinished: collections.deque[Decoded] = field(default_factory=collections.deque)
 
 
 @dataclass
@@ -212,10 +215,12 @@ class IngestService:
                 batch = await self._take(lane, stop)
                 if batch is None:
                     break
-                await self._hand_over(ready, (batch, await self._decode(lane, batch)), committer)
+                await self._hand_over(ready, (batch, await self._decode_bulk(lane, batch)),
+                                      committer)  # fmt: skip
             while lane.source.depth():  # what was handed over before the stop
                 batch = await lane.source.take(self.settings.batch_max_messages, 0)
-                await self._hand_over(ready, (batch, await self._decode(lane, batch)), committer)
+                await self._hand_over(ready, (batch, await self._decode_bulk(lane, batch)),
+                                      committer)  # fmt: skip
             await self._hand_over(ready, None, committer)
             await committer
         finally:
@@ -233,6 +238,37 @@ class IngestService:
                 decoded = await self._decode(lane, batch)
                 result = await self._commit(decoded, urgent=True)
             await self._finish(lane, batch, decoded, result)
+
+    async def _decode_bulk(self, lane: Lane, batch: list[RawMessage]) -> Decoded:
+        """Decode a bulk batch and write its urgent readings ahead of it (`_write_ahead`)."""
+        decoded = await self._decode(lane, batch)
+        await self._write_ahead(lane, decoded)
+        lane.unfinished.append(decoded)
+        return decoded
+
+    async def _write_ahead(self, lane: Lane, decoded: Decoded) -> None:
+        """A telemetry reading that raises a critical alarm not raised yet (a detector's
+        `alarm: true`, as vendors' devices send it, not on the event channel) is not left
+        to wait behind the batches ahead of it: its device's readings of this batch are
+        committed at once, with the event lane's priority, and taken out of the batch. Not
+        if a batch still in flight holds a reading of that device: each device's readings
+        reach the rules in order. The raw messages are acknowledged with their batch, after
+        it commits; redelivered before that, the readings are duplicates by (device, seq)."""
+        if self.rules is None or not decoded.readings:
+            return
+        devices = self.rules.urgent_devices(decoded.readings)
+        for earlier in lane.unfinished:
+            if not devices:
+                return
+            devices.difference_update(reading.device_id for reading in earlier.readings)
+        if not devices:
+            return
+        ahead = Decoded(readings=[r for r in decoded.readings if r.device_id in devices])
+        decoded.readings = [r for r in decoded.readings if r.device_id not in devices]
+        metrics.WRITTEN_AHEAD.inc(len(ahead.readings))
+        with self.priority.urgent():
+            result = await self._commit(ahead, urgent=True)
+        await self._committed(result, ahead)
 
     async def _take(self, lane: Lane, stop: asyncio.Event) -> list[RawMessage] | None:
         take = asyncio.ensure_future(
@@ -386,7 +422,12 @@ class IngestService:
     ) -> None:
         """After the commit: acknowledge, note last-seen, tell who waits for new readings."""
         lane.source.ack(batch)
+        if lane.unfinished and lane.unfinished[0] is decoded:
+            lane.unfinished.popleft()
         self.committed_batches += 1
+        await self._committed(result, decoded)
+
+    async def _committed(self, result: WriteResult, decoded: Decoded) -> None:
         self._record(result, decoded)
         if self.after_commit is not None and result.stored:
             await self.after_commit(result.stored)

@@ -31,3 +31,7 @@ OTHER_SHARD = Counter(
     "gridwarden_ingest_other_shard_total",
     "Messages acknowledged unseen because another ingest shard stores them",
 )
+WRITTEN_AHEAD = Counter(
+    "gridwarden_ingest_written_ahead_total",
+    "Telemetry readings committed ahead of their bulk batch (a critical alarm not yet raised)",
+)

@@ -51,6 +51,10 @@ class RulesHook(Protocol):
 
     def committed(self, evaluation: Any) -> None: ...
 
+    def urgent_devices(self, readings: list[Reading]) -> set[str]:
+        """Devices with a reading that would raise a critical alarm not raised yet."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Turn:

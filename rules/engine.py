@@ -400,6 +400,29 @@ class Engine:
                         continue  # not firing, nothing pending: the usual reading
                 self._stateful(evaluation, step, device, reading, at, holds)
 
+    def urgent_devices(self, readings: Iterable[Reading]) -> set[str]:
+        """The devices of `readings` with a telemetry reading that would raise a critical
+        alarm not raised yet (a detector's own alarm flag, a bin's fire flag, heat past the
+        fixed threshold): no state for that rule, not suppressed, not muted. A guess from
+        the committed state, made outside the rules lock: ingest writes such a device's
+        readings ahead of a bulk batch (ingest/consumer.py), and the rules decide as usual."""
+        urgent: set[str] = set()
+        for reading in readings:
+            device = self.lookup_device(reading.device_id)
+            if device is None or device.id in urgent or reading.channel != "telemetry":
+                continue
+            for step in self._plan(device).critical:
+                if step.critical(reading) is not True:  # type: ignore[misc]  # critical only
+                    continue
+                if self.states.get((device.id, step.rule.id)):
+                    continue  # raised already, or on its way
+                if step.unless and _suppressed(step.unless, reading):
+                    continue
+                if not self.muted(device, min(reading.time, reading.received_at)):
+                    urgent.add(device.id)
+                break
+        return urgent
+
     def _op(
         self,
         action: Literal["raise", "clear"],
@@ -761,6 +784,9 @@ class _Step:
     holds: Matcher | None  # when it fires (what it counts); None: rate of rise
     still: Matcher | None  # stateful: whether the firing condition still holds
     clears: Matcher | None  # stateful, with a clear condition of its own
+    # Whether a reading alone makes the rule critical (its condition, if its severity is
+    # critical, else its critical levels'); None: never from one reading (rates, counts).
+    critical: Matcher | None
 
     @classmethod
     def of(cls, rule: Rule) -> _Step:
@@ -777,7 +803,19 @@ class _Step:
             tuple(_matcher(c, False) for c in rule.unless), holds,
             _matcher(when, True) if stateful else None,  # type: ignore[arg-type]
             _matcher(rule.clear, False) if stateful and rule.clear is not None else None,
+            _critical_matcher(rule, holds),
         )  # fmt: skip
+
+
+def _critical_matcher(rule: Rule, holds: Matcher | None) -> Matcher | None:
+    if holds is None or isinstance(rule.when, CountInWindow):
+        return None
+    if rule.severity == "critical":
+        return holds
+    levels = [_matcher(level.when, False) for level in rule.levels if level.severity == "critical"]
+    if not levels:
+        return None
+    return lambda reading: any(level(reading) is True for level in levels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -791,6 +829,7 @@ class _Plan:
     evaluated: tuple[_Step, ...]
     # Without the momentary rules only an event can trigger: on telemetry they do nothing.
     for_telemetry: tuple[_Step, ...]
+    critical: tuple[_Step, ...]  # of for_telemetry, those one reading can make critical
 
     @classmethod
     def of(cls, rules: list[Rule]) -> _Plan:
@@ -801,7 +840,8 @@ class _Plan:
         for_telemetry = tuple(
             step for step in evaluated if not (step.momentary and _events_only(step.rule.when))
         )
-        return cls(rules, absence, evaluated, for_telemetry)
+        critical = tuple(step for step in for_telemetry if step.critical is not None)
+        return cls(rules, absence, evaluated, for_telemetry, critical)
 
 
 def _events_only(condition: object) -> bool:

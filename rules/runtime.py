@@ -212,6 +212,9 @@ class RulesService:
     def committed(self, evaluation: Evaluation) -> None:
         self.engine.commit(evaluation)
 
+    def urgent_devices(self, readings: list[Reading]) -> set[str]:
+        return self.engine.urgent_devices(readings)
+
     # -- tasks -----------------------------------------------------------------------
     async def tick_once(self) -> Evaluation:
         async with self.lock:

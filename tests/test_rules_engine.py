@@ -1411,3 +1411,59 @@ def test_silence_watch_keeps_one_timer_entry_per_device() -> None:
     assert harness.engine._silences.entries == 1
     assert harness.run([(614, "tick")]) == []
     assert harness.run([(615, "tick")]) == [(615, "raise", "b", "t.silent", "minor", 1)]
+
+
+# --- urgent readings: written ahead of their bulk batch by ingest --------------------------
+
+URGENT = [
+    # the detector's own alarm flag: smoke.alarm is critical
+    ("sd", {"alarm": True, "smoke": 0.5}, True),
+    # its flag down: nothing to raise
+    ("sd", {"alarm": False, "smoke": 0.5}, False),
+    # in self-test the flag is no fire (smoke.alarm's `unless`)
+    ("sd", {"alarm": True, "test": True}, False),
+    # past the fixed-heat threshold: smoke.heat_high is critical
+    ("sd", {"temperature": 60.0}, True),
+    # obscuration above 10 %/m is major; above 25 its critical level
+    ("sd", {"smoke": 15.0}, False),
+    ("sd", {"smoke": 30.0}, True),
+    # a bin's fire flag: bin.fire is critical
+    ("bin", {"fire": True}, True),
+    # a full bin is minor, however full
+    ("bin", {"fill": 99.0}, False),
+    # a manhole cover tilted past 45° is critical; 30° only major
+    ("mh", {"tilt": 50.0}, True),
+    ("mh", {"tilt": 30.0}, False),
+    # an unregistered device has no rules
+    ("nobody", {"alarm": True}, False),
+]
+
+
+@pytest.mark.parametrize(("device", "values", "urgent"), URGENT)
+def test_a_reading_is_urgent_when_it_would_raise_a_critical_alarm(
+    device: str, values: dict[str, Any], urgent: bool
+) -> None:
+    harness = Harness(load_rules())
+    batch = [reading(0, "reading", device, values)]
+    assert harness.engine.urgent_devices(batch) == ({device} if urgent else set())
+
+
+def test_a_critical_alarm_raised_already_is_not_urgent_again() -> None:
+    # The first alarm reading raises smoke.alarm (state: its quiet period); the next one
+    # only repeats it, so nothing is gained by writing it ahead of its batch.
+    harness = Harness(load_rules())
+    alarm = {"alarm": True}
+    assert harness.engine.urgent_devices([reading(0, "reading", "sd", alarm)]) == {"sd"}
+    harness.run([(0, "reading", "sd", alarm)])
+    assert harness.engine.urgent_devices([reading(5, "reading", "sd", alarm)]) == set()
+    # Another detector's alarm still is.
+    batch = [reading(5, "reading", "sd", alarm), reading(5, "reading", "sd1", alarm)]
+    assert harness.engine.urgent_devices(batch) == {"sd1"}
+
+
+def test_a_muted_device_and_an_event_are_never_urgent() -> None:
+    # In maintenance nothing is raised; an alarm event is the event lane's already.
+    muted = Harness(load_rules(), muted=lambda device, at: device.id == "sd")
+    assert muted.engine.urgent_devices([reading(0, "reading", "sd", {"alarm": True})]) == set()
+    harness = Harness(load_rules())
+    assert harness.engine.urgent_devices([reading(0, "event", "sd", "alarm")]) == set()

@@ -9,11 +9,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import orjson
 
 from gridwarden.config import Settings
 from gridwarden.db import create_pool
 from gridwarden.readings import Reading
 from ingest.consumer import IngestService
+from ingest.decode import Decoded, RawMessage
 from ingest.directory import DeviceDirectory
 from rules import runtime
 from rules.engine import AlarmOp
@@ -43,6 +45,22 @@ async def register(database_url: str, devices: list[tuple[str, str, int, str | N
         )
     finally:
         await conn.close()
+
+
+@asynccontextmanager
+async def wired(settings: Settings) -> AsyncIterator[IngestService]:
+    """An ingest service with the rules wired in as `gridwarden up` does, not running."""
+    assert settings.database_url
+    pool = await create_pool(settings.database_url)
+    try:
+        ingest = IngestService(settings, pool, settings.mqtt_url or "")
+        await ingest.directory.refresh(pool)
+        rules = RulesService(settings, pool, ingest.directory.lookup, devices=ingest.directory.ids)
+        await rules.start()
+        ingest.rules = rules
+        yield ingest
+    finally:
+        await pool.close()
 
 
 @asynccontextmanager
@@ -430,3 +448,96 @@ async def test_devices_registered_later_are_watched_and_an_unchanged_list_is_not
         assert (listed, sorted(rules.engine.heard)) == (2, ["bin-7", "bin-8"])
     finally:
         await pool.close()
+
+
+# --- a critical telemetry alarm is written ahead of its bulk batch ---------------------------
+
+
+def _telemetry(prefix: str, device: str, values: dict[str, object]) -> RawMessage:
+    return RawMessage(f"{prefix}/dev/{device}/telemetry", orjson.dumps(values), datetime.now(UTC))
+
+
+async def test_an_alarm_reading_commits_ahead_of_its_bulk_batch(
+    database_url, mqtt_url, topic_prefix
+):
+    # A detector's `alarm: true` in the middle of 100 bin readings: once the batch is
+    # decoded, the detector's readings (its earlier one too, in order) are committed and its
+    # alarm raised; the bin readings are left in the batch for the pipeline.
+    await register(database_url, [("sd-a", "smoke_detector", 900, None),
+                                  ("bin-a", "smart_bin", 900, None)])  # fmt: skip
+    p = topic_prefix
+    batch = [_telemetry(p, "bin-a", {"seq": i, "fill": 10}) for i in range(1, 101)]
+    batch.insert(40, _telemetry(p, "sd-a", {"seq": 1, "smoke": 0.3}))
+    batch.insert(60, _telemetry(p, "sd-a", {"seq": 2, "alarm": True}))
+    async with wired(settings_for(database_url, mqtt_url, topic_prefix)) as ingest:
+        bulk = ingest.lanes[1]
+        decoded = await ingest._decode_bulk(bulk, batch)
+        assert {r.device_id for r in decoded.readings} == {"bin-a"}
+        assert len(decoded.readings) == 100
+        assert list(bulk.unfinished) == [decoded]  # in flight until its batch is acked
+    stored = await fetch(database_url, "SELECT device_id, seq FROM telemetry ORDER BY seq")
+    assert [(r["device_id"], r["seq"]) for r in stored] == [("sd-a", 1), ("sd-a", 2)]
+    raised = await alarms(database_url)
+    assert [(r["device_id"], r["rule"], r["state"]) for r in raised] == [
+        ("sd-a", "smoke.alarm", "active")
+    ]
+
+
+async def test_a_device_with_a_batch_in_flight_keeps_its_order(
+    database_url, mqtt_url, topic_prefix
+):
+    # The detector has a reading in a batch not yet committed: its alarm reading waits in
+    # its own batch, so the rules see the detector's readings in order.
+    await register(database_url, [("sd-b", "smoke_detector", 900, None)])
+    now = datetime.now(UTC)
+    async with wired(settings_for(database_url, mqtt_url, topic_prefix)) as ingest:
+        bulk = ingest.lanes[1]
+        bulk.unfinished.append(
+            Decoded(readings=[Reading("telemetry", "sd-b", now, now, 1, {"smoke": 0.3})])
+        )
+        decoded = await ingest._decode_bulk(
+            bulk, [_telemetry(topic_prefix, "sd-b", {"seq": 2, "alarm": True})]
+        )
+        assert [(r.device_id, r.seq) for r in decoded.readings] == [("sd-b", 2)]
+    assert await fetch(database_url, "SELECT * FROM telemetry") == []
+    assert await alarms(database_url) == []
+
+
+async def test_over_mqtt_the_alarm_reading_commits_before_the_readings_behind_it(
+    database_url, mqtt_url, topic_prefix
+):
+    # A backlog queued while the service was down: 2,500 bin readings, a detector's alarm
+    # reading, 100 more bin readings. Every bin reading after the alarm commits in a later
+    # transaction than the alarm reading (without writing it ahead, the alarm commits with
+    # the bin readings of its batch), and the alarm is raised in the alarm reading's own.
+    await register(database_url, [("sd-c", "smoke_detector", 900, None),
+                                  ("bin-c", "smart_bin", 900, None)])  # fmt: skip
+    settings = settings_for(database_url, mqtt_url, topic_prefix)
+    async with running_pipeline(settings):
+        pass  # the sessions exist: the broker queues what comes next
+    bin_topic, sd_topic = (
+        f"{topic_prefix}/dev/bin-c/telemetry",
+        f"{topic_prefix}/dev/sd-c/telemetry",
+    )
+    async with publisher(mqtt_url) as client:
+        for seq in range(1, 2501):
+            await publish(client, bin_topic, {"seq": seq, "fill": 10})
+        await publish(client, sd_topic, {"seq": 1, "alarm": True})
+        for seq in range(2501, 2601):
+            await publish(client, bin_topic, {"seq": seq, "fill": 10})
+    async with running_pipeline(settings):
+        await wait_for(
+            lambda: fetch(database_url, "SELECT count(*) AS n FROM telemetry"),
+            lambda rows: rows[0]["n"] == 2601,
+            within_s=60,
+        )
+    xid = "xmin::text::bigint AS xid"
+    (alarm_reading,) = await fetch(
+        database_url, f"SELECT {xid} FROM telemetry WHERE device_id = 'sd-c'"
+    )
+    behind = await fetch(
+        database_url, "SELECT min(xmin::text::bigint) AS xid FROM telemetry WHERE seq > 2500"
+    )
+    assert alarm_reading["xid"] < behind[0]["xid"]
+    (raised,) = await fetch(database_url, f"SELECT rule, {xid} FROM alarms")
+    assert (raised["rule"], raised["xid"]) == ("smoke.alarm", alarm_reading["xid"])
