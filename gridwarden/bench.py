@@ -34,8 +34,9 @@ Phases (each at most `duration` seconds of measuring):
    alternately an alarm *event* `{"event": "alarm"}` on `gw/dev/{id}/event` (what a
    detector sends when it goes into alarm; rule `smoke.alarm`; the service's priority
    lane, session `gridwarden-ingest-events`) and, on other detectors, telemetry with
-   `alarm: true` (the bulk lane, behind the load): `alarm_latency_ms_*` and
-   `case_notify_latency_ms_*` are the events', `*_telemetry_*` the readings'.
+   `alarm: true` (the bulk lane, behind the load; written ahead of its batch once decoded):
+   `alarm_latency_ms_*` and `case_notify_latency_ms_*` are the events', `*_telemetry_*`
+   the readings'.
    *Alarm latency* = publish → the alarm row is visible to a poller (every 10 ms) in
    `alarms`: an upper bound on publish → commit by at most the poll period.
    *Case notification latency* = publish → the `dispatched` message for that device
