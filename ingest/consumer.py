@@ -74,6 +74,8 @@ PIPELINE_DEPTH = 2
 EVENT_LANE_MAX_DELAY_S = 0.0
 EVENT_LANE_RECEIVE_MAXIMUM = 1000
 DECODE_SLICE = 100  # messages decoded between two turns of the event loop (~2-3 ms)
+# How often a decoded bulk batch waiting for the committer looks for messages to add.
+HAND_OVER_POLL_S = 0.002
 UNKNOWN = "unknown_device"
 LAST_SEEN_CHUNK = 500  # devices per last-seen statement (~1-4 ms of encoding)
 
@@ -215,12 +217,12 @@ class IngestService:
                 batch = await self._take(lane, stop)
                 if batch is None:
                     break
-                await self._hand_over(ready, (batch, await self._decode_bulk(lane, batch)),
-                                      committer)  # fmt: skip
+                decoded = await self._decode_bulk(lane, batch)
+                await self._hand_over_growing(lane, ready, batch, decoded, committer)
             while lane.source.depth():  # what was handed over before the stop
                 batch = await lane.source.take(self.settings.batch_max_messages, 0)
-                await self._hand_over(ready, (batch, await self._decode_bulk(lane, batch)),
-                                      committer)  # fmt: skip
+                decoded = await self._decode_bulk(lane, batch)
+                await self._hand_over_growing(lane, ready, batch, decoded, committer)
             await self._hand_over(ready, None, committer)
             await committer
         finally:
@@ -281,6 +283,31 @@ class IngestService:
             take.cancel()
             return None
         return take.result()
+
+    async def _hand_over_growing(
+        self,
+        lane: Lane,
+        ready: asyncio.Queue[tuple[list[RawMessage], Decoded] | None],
+        batch: list[RawMessage],
+        decoded: Decoded,
+        committer: asyncio.Task[None],
+    ) -> None:
+        """Hand a decoded bulk batch to the committer. While the committer has no room,
+        what arrives meanwhile joins the batch (up to a full one) and is decoded at once,
+        so an urgent reading in it is written ahead now (`_write_ahead`), not after
+        waiting for the hand-over; the batch stays as large as it would have been."""
+        while ready.full() and len(batch) < self.settings.batch_max_messages:
+            if committer.done():
+                break  # failed: `_hand_over` raises its error
+            if not lane.source.depth():
+                await asyncio.sleep(HAND_OVER_POLL_S)
+                continue
+            more = await lane.source.take(self.settings.batch_max_messages - len(batch), 0)
+            later = await self._decode(lane, more)
+            await self._write_ahead(lane, later)  # `decoded`'s devices keep their order
+            batch += more
+            decoded.extend(later)
+        await self._hand_over(ready, (batch, decoded), committer)
 
     @staticmethod
     async def _hand_over(

@@ -72,6 +72,13 @@ class Decoded:
     # again after refreshing the registry (the others must not be charged twice).
     unknown: list[RawMessage] = field(default_factory=list)
 
+    def extend(self, later: Decoded) -> None:
+        """Add what the messages after this batch's gave, in their order."""
+        self.readings += later.readings
+        self.statuses += later.statuses
+        self.dead_letters += later.dead_letters
+        self.unknown += later.unknown
+
 
 class BadInput(Exception):
     def __init__(self, reason: str, detail: str) -> None:

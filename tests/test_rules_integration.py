@@ -541,3 +541,73 @@ async def test_over_mqtt_the_alarm_reading_commits_before_the_readings_behind_it
     assert alarm_reading["xid"] < behind[0]["xid"]
     (raised,) = await fetch(database_url, f"SELECT rule, {xid} FROM alarms")
     assert (raised["rule"], raised["xid"]) == ("smoke.alarm", alarm_reading["xid"])
+
+
+async def test_while_the_committer_is_full_arrivals_join_the_batch_and_an_alarm_goes_ahead(
+    database_url, mqtt_url, topic_prefix
+):
+    # A decoded bulk batch waits for the committer's one slot. Messages arriving meanwhile
+    # join it (decoded at once, in order); the detector's alarm among them is committed
+    # before the slot frees, not after the hand-over.
+    await register(database_url, [("sd-d", "smoke_detector", 900, None),
+                                  ("bin-d", "smart_bin", 900, None)])  # fmt: skip
+    p = topic_prefix
+    async with wired(settings_for(database_url, mqtt_url, topic_prefix)) as ingest:
+        bulk = ingest.lanes[1]
+        batch = [_telemetry(p, "bin-d", {"seq": 1, "fill": 10})]
+        decoded = await ingest._decode_bulk(bulk, batch)
+        ready: asyncio.Queue[object] = asyncio.Queue(1)
+        ready.put_nowait("the batch the committer has not taken yet")
+        committer = asyncio.create_task(asyncio.Event().wait())
+        handing = asyncio.create_task(
+            ingest._hand_over_growing(bulk, ready, batch, decoded, committer)  # type: ignore[arg-type]
+        )
+        bulk.source._pending.extend([
+            _telemetry(p, "bin-d", {"seq": 2, "fill": 10}),
+            _telemetry(p, "sd-d", {"seq": 1, "alarm": True}),
+            _telemetry(p, "bin-d", {"seq": 3, "fill": 10}),
+        ])  # fmt: skip
+        bulk.source._wakeup.set()
+        raised = await wait_for(lambda: alarms(database_url), lambda rows: len(rows) == 1)
+        assert raised[0]["device_id"] == "sd-d"
+        assert not handing.done()  # still waiting for the slot
+        ready.get_nowait()  # the committer takes its batch: room for this one
+        await asyncio.wait_for(handing, WAIT_S)
+        committer.cancel()
+        handed_batch, handed = ready.get_nowait()  # type: ignore[misc]
+    assert handed_batch is batch
+    assert len(batch) == 4  # acknowledged together once the batch commits
+    assert [(r.device_id, r.seq) for r in handed.readings] == [
+        ("bin-d", 1), ("bin-d", 2), ("bin-d", 3)
+    ]  # fmt: skip
+    stored = await fetch(database_url, "SELECT device_id, seq FROM telemetry")
+    assert [(r["device_id"], r["seq"]) for r in stored] == [("sd-d", 1)]
+
+
+async def test_a_waiting_batch_grows_to_a_full_batch_and_no_further(
+    database_url, mqtt_url, topic_prefix
+):
+    await register(database_url, [("bin-e", "smart_bin", 900, None)])
+    p = topic_prefix
+    settings = settings_for(database_url, mqtt_url, topic_prefix, batch_max_messages=3)
+    async with wired(settings) as ingest:
+        bulk = ingest.lanes[1]
+        batch = [_telemetry(p, "bin-e", {"seq": 1, "fill": 10})]
+        decoded = await ingest._decode_bulk(bulk, batch)
+        ready: asyncio.Queue[object] = asyncio.Queue(1)
+        ready.put_nowait("the batch the committer has not taken yet")
+        committer = asyncio.create_task(asyncio.Event().wait())
+        handing = asyncio.create_task(
+            ingest._hand_over_growing(bulk, ready, batch, decoded, committer)  # type: ignore[arg-type]
+        )
+        bulk.source._pending.extend(
+            _telemetry(p, "bin-e", {"seq": seq, "fill": 10}) for seq in range(2, 6)
+        )
+        await wait_for(lambda: asyncio.sleep(0, len(batch)), lambda n: n == 3)
+        await asyncio.sleep(0.05)  # polled again meanwhile: nothing more joined
+        assert len(batch) == 3
+        assert bulk.source.depth() == 2  # left for the next batch
+        ready.get_nowait()
+        await asyncio.wait_for(handing, WAIT_S)
+        committer.cancel()
+    assert [r.seq for r in decoded.readings] == [1, 2, 3]
