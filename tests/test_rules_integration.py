@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -543,6 +544,42 @@ async def test_over_mqtt_the_alarm_reading_commits_before_the_readings_behind_it
     assert (raised["rule"], raised["xid"]) == ("smoke.alarm", alarm_reading["xid"])
 
 
+@dataclass
+class WaitingBatch:
+    """A decoded bulk batch waiting for the committer's one slot (`_hand_over_growing`)."""
+
+    batch: list[RawMessage]
+    decoded: Decoded
+    ready: asyncio.Queue[object]
+    handing: asyncio.Task[None]
+
+
+@asynccontextmanager
+async def waiting_batch(ingest: IngestService, first: RawMessage) -> AsyncIterator[WaitingBatch]:
+    """The batch of `first`, decoded and handed over while a batch the committer has not
+    taken yet fills its slot; messages put in the source's queue arrive meanwhile."""
+    bulk = ingest.lanes[1]
+    batch = [first]
+    decoded = await ingest._decode_bulk(bulk, batch)
+    ready: asyncio.Queue[object] = asyncio.Queue(1)
+    ready.put_nowait("the batch the committer has not taken yet")
+    committer = asyncio.create_task(asyncio.Event().wait())
+    handing = asyncio.create_task(
+        ingest._hand_over_growing(bulk, ready, batch, decoded, committer)  # type: ignore[arg-type]
+    )
+    try:
+        yield WaitingBatch(batch, decoded, ready, handing)
+    finally:
+        committer.cancel()
+        handing.cancel()
+
+
+def arrive(ingest: IngestService, messages: list[RawMessage]) -> None:
+    source = ingest.lanes[1].source
+    source._pending.extend(messages)
+    source._wakeup.set()
+
+
 async def test_while_the_committer_is_full_arrivals_join_the_batch_and_an_alarm_goes_ahead(
     database_url, mqtt_url, topic_prefix
 ):
@@ -552,32 +589,23 @@ async def test_while_the_committer_is_full_arrivals_join_the_batch_and_an_alarm_
     await register(database_url, [("sd-d", "smoke_detector", 900, None),
                                   ("bin-d", "smart_bin", 900, None)])  # fmt: skip
     p = topic_prefix
-    async with wired(settings_for(database_url, mqtt_url, topic_prefix)) as ingest:
-        bulk = ingest.lanes[1]
-        batch = [_telemetry(p, "bin-d", {"seq": 1, "fill": 10})]
-        decoded = await ingest._decode_bulk(bulk, batch)
-        ready: asyncio.Queue[object] = asyncio.Queue(1)
-        ready.put_nowait("the batch the committer has not taken yet")
-        committer = asyncio.create_task(asyncio.Event().wait())
-        handing = asyncio.create_task(
-            ingest._hand_over_growing(bulk, ready, batch, decoded, committer)  # type: ignore[arg-type]
-        )
-        bulk.source._pending.extend([
+    async with (
+        wired(settings_for(database_url, mqtt_url, topic_prefix)) as ingest,
+        waiting_batch(ingest, _telemetry(p, "bin-d", {"seq": 1, "fill": 10})) as waiting,
+    ):
+        arrive(ingest, [
             _telemetry(p, "bin-d", {"seq": 2, "fill": 10}),
             _telemetry(p, "sd-d", {"seq": 1, "alarm": True}),
             _telemetry(p, "bin-d", {"seq": 3, "fill": 10}),
         ])  # fmt: skip
-        bulk.source._wakeup.set()
         raised = await wait_for(lambda: alarms(database_url), lambda rows: len(rows) == 1)
         assert raised[0]["device_id"] == "sd-d"
-        assert not handing.done()  # still waiting for the slot
-        ready.get_nowait()  # the committer takes its batch: room for this one
-        await asyncio.wait_for(handing, WAIT_S)
-        committer.cancel()
-        handed_batch, handed = ready.get_nowait()  # type: ignore[misc]
-    assert handed_batch is batch
-    assert len(batch) == 4  # acknowledged together once the batch commits
-    assert [(r.device_id, r.seq) for r in handed.readings] == [
+        assert not waiting.handing.done()  # still waiting for the slot
+        waiting.ready.get_nowait()  # the committer takes its batch: room for this one
+        await asyncio.wait_for(waiting.handing, WAIT_S)
+        assert waiting.ready.get_nowait() == (waiting.batch, waiting.decoded)
+    assert len(waiting.batch) == 4  # acknowledged together once the batch commits
+    assert [(r.device_id, r.seq) for r in waiting.decoded.readings] == [
         ("bin-d", 1), ("bin-d", 2), ("bin-d", 3)
     ]  # fmt: skip
     stored = await fetch(database_url, "SELECT device_id, seq FROM telemetry")
@@ -590,24 +618,15 @@ async def test_a_waiting_batch_grows_to_a_full_batch_and_no_further(
     await register(database_url, [("bin-e", "smart_bin", 900, None)])
     p = topic_prefix
     settings = settings_for(database_url, mqtt_url, topic_prefix, batch_max_messages=3)
-    async with wired(settings) as ingest:
-        bulk = ingest.lanes[1]
-        batch = [_telemetry(p, "bin-e", {"seq": 1, "fill": 10})]
-        decoded = await ingest._decode_bulk(bulk, batch)
-        ready: asyncio.Queue[object] = asyncio.Queue(1)
-        ready.put_nowait("the batch the committer has not taken yet")
-        committer = asyncio.create_task(asyncio.Event().wait())
-        handing = asyncio.create_task(
-            ingest._hand_over_growing(bulk, ready, batch, decoded, committer)  # type: ignore[arg-type]
-        )
-        bulk.source._pending.extend(
-            _telemetry(p, "bin-e", {"seq": seq, "fill": 10}) for seq in range(2, 6)
-        )
-        await wait_for(lambda: asyncio.sleep(0, len(batch)), lambda n: n == 3)
+    async with (
+        wired(settings) as ingest,
+        waiting_batch(ingest, _telemetry(p, "bin-e", {"seq": 1, "fill": 10})) as waiting,
+    ):
+        arrive(ingest, [_telemetry(p, "bin-e", {"seq": seq, "fill": 10}) for seq in range(2, 6)])
+        await wait_for(lambda: asyncio.sleep(0, len(waiting.batch)), lambda n: n == 3)
         await asyncio.sleep(0.05)  # polled again meanwhile: nothing more joined
-        assert len(batch) == 3
-        assert bulk.source.depth() == 2  # left for the next batch
-        ready.get_nowait()
-        await asyncio.wait_for(handing, WAIT_S)
-        committer.cancel()
-    assert [r.seq for r in decoded.readings] == [1, 2, 3]
+        assert len(waiting.batch) == 3
+        assert ingest.lanes[1].source.depth() == 2  # left for the next batch
+        waiting.ready.get_nowait()
+        await asyncio.wait_for(waiting.handing, WAIT_S)
+    assert [r.seq for r in waiting.decoded.readings] == [1, 2, 3]
