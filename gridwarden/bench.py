@@ -756,16 +756,9 @@ class IngestRate:
     # Cores used over the same window: by the service, PostgreSQL, the broker, anything
     # else, and idle (gridwarden/cpu_usage.py).
     cpu_cores: dict[str, float]
-
-    def cpu_us_per_msg(self) -> dict[str, float]:
-        """CPU time per committed message of the service, PostgreSQL and the broker."""
-        if self.msgs_per_s <= 0:
-            return {}
-        return {
-            name: round(self.cpu_cores[name] / self.msgs_per_s * 1e6, 2)
-            for name in ("service", "postgres", "broker")
-            if name in self.cpu_cores
-        }
+    # The same window as CPU time per committed message of the service, PostgreSQL and the
+    # broker.
+    cpu_us_per_msg: dict[str, float]
 
 
 def ceiling_msgs_per_s(per_msg_us: dict[str, float], machine_cores: int) -> float | None:
@@ -825,7 +818,8 @@ def measure_ingest(
     progress(f"ingest: {s1 - s0:,.0f} rows over {t1 - t0:.1f} s (of {stored:,.0f} committed)")
     cores = cpu_usage.cores_used(cpu0, cpu1)
     progress("ingest: cores used meanwhile: " + ", ".join(f"{k} {v:.2f}" for k, v in cores.items()))
-    return IngestRate((s1 - s0) / (t1 - t0) if t1 > t0 else 0.0, cores)
+    per_msg = cpu_us_per_msg(cpu0, cpu1, round(s1 - s0))
+    return IngestRate((s1 - s0) / (t1 - t0) if t1 > t0 else 0.0, cores, per_msg)
 
 
 # --------------------------------------------------------------------------- latency
@@ -1166,7 +1160,7 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
         ingest = measured.msgs_per_s
         out["ingest_msgs_per_s"] = round(ingest, 1)
         out["ingest_cpu_cores"] = measured.cpu_cores
-        out["ingest_cpu_us_per_msg"] = measured.cpu_us_per_msg()
+        out["ingest_cpu_us_per_msg"] = measured.cpu_us_per_msg
         ceiling = ceiling_msgs_per_s(out["ingest_cpu_us_per_msg"], os.cpu_count() or 1)
         out["ingest_ceiling_msgs_per_s"] = ceiling
         progress(f"ingest: CPU µs a message {out['ingest_cpu_us_per_msg']}; PostgreSQL "

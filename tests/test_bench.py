@@ -29,7 +29,7 @@ from device_sim.load import (
     kind_of,
     probe_pool,
 )
-from gridwarden.bench import IngestRate, ceiling_msgs_per_s, cpu_us_per_msg, lag_quantile_ms
+from gridwarden.bench import ceiling_msgs_per_s, cpu_us_per_msg, lag_quantile_ms
 from gridwarden.cpu_usage import CpuSample
 
 REQUIRED = (
@@ -137,16 +137,17 @@ def test_cpu_per_message_is_each_groups_cpu_time_over_the_messages() -> None:
 
 
 def test_the_ceiling_is_where_postgres_and_the_broker_alone_fill_every_core() -> None:
-    # 20,000 msg/s with PostgreSQL at 0.3 and the broker at 0.1 of a core: 15 and 5 µs of
-    # CPU a message; 20 µs a message fills two cores at 100,000 msg/s, whatever the
-    # service costs (its 0.9 of a core is not part of the bound).
-    measured = IngestRate(20_000.0, {"service": 0.9, "postgres": 0.3, "broker": 0.1,
-                                     "other": 0.1, "idle": 0.6})  # fmt: skip
-    per_msg = measured.cpu_us_per_msg()
+    # Over 2 s, 40,000 messages committed while the service used 1.8 s of CPU, PostgreSQL
+    # 0.6 s and the broker 0.2 s: 45, 15 and 5 µs a message. 20 µs a message fills two
+    # cores at 100,000 msg/s, whatever the service costs.
+    first = CpuSample(
+        0.0, 0.0, 0.0, {"service": {1: 0.0}, "postgres": {2: 0.0}, "broker": {3: 0.0}}
+    )
+    last = CpuSample(2.0, 0.0, 0.0, {"service": {1: 1.8}, "postgres": {2: 0.6}, "broker": {3: 0.2}})
+    per_msg = cpu_us_per_msg(first, last, 40_000)
     assert per_msg == {"service": 45.0, "postgres": 15.0, "broker": 5.0}
     assert ceiling_msgs_per_s(per_msg, 2) == 100_000.0
     assert ceiling_msgs_per_s(per_msg, 4) == 200_000.0
-    assert IngestRate(0.0, measured.cpu_cores).cpu_us_per_msg() == {}
     assert ceiling_msgs_per_s({}, 2) is None  # nothing measured: no bound claimed
 
 
