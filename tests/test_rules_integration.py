@@ -630,3 +630,20 @@ async def test_a_waiting_batch_grows_to_a_full_batch_and_no_further(
         waiting.ready.get_nowait()
         await asyncio.wait_for(waiting.handing, WAIT_S)
     assert [r.seq for r in waiting.decoded.readings] == [1, 2, 3]
+
+
+async def test_a_zigbee_smoke_alarm_through_its_codec_is_written_ahead_too(
+    database_url, mqtt_url, topic_prefix
+):
+    # Zigbee2MQTT reports a detector's alarm as state (`smoke: true`), which the codec makes
+    # telemetry `alarm: true`: the vendor's usual path for a fire, not the event channel.
+    await register(database_url, [("sd-z", "smoke_detector", 900, None),
+                                  ("bin-z", "smart_bin", 900, None)])  # fmt: skip
+    state = b'{"smoke": true, "battery": 90, "linkquality": 120}'
+    zigbee = RawMessage(f"{topic_prefix}/codec/zigbee2mqtt/sd-z", state, datetime.now(UTC))
+    batch = [_telemetry(topic_prefix, "bin-z", {"seq": seq, "fill": 10}) for seq in range(1, 50)]
+    async with wired(settings_for(database_url, mqtt_url, topic_prefix)) as ingest:
+        decoded = await ingest._decode_bulk(ingest.lanes[1], [*batch, zigbee])
+        assert {r.device_id for r in decoded.readings} == {"bin-z"}
+    raised = await alarms(database_url)
+    assert [(r["device_id"], r["rule"]) for r in raised] == [("sd-z", "smoke.alarm")]
