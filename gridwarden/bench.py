@@ -770,6 +770,19 @@ def ceiling_msgs_per_s(per_msg_us: dict[str, float], machine_cores: int) -> floa
     return round(machine_cores / floor_us * 1e6, 1) if floor_us > 0 else None
 
 
+def service_budget_us(
+    per_msg_us: dict[str, float], machine_cores: int, rate: float
+) -> float | None:
+    """The CPU a message a service could spend at `rate` with PostgreSQL and the broker at
+    their measured cost per message, all on this machine's cores (negative: they alone
+    exceed it). Below what a bare consumer spends to only parse and ack, no service
+    reaches the rate."""
+    if rate <= 0 or not per_msg_us:
+        return None
+    floor_us = per_msg_us.get("postgres", 0.0) + per_msg_us.get("broker", 0.0)
+    return round(machine_cores / rate * 1e6 - floor_us, 2)
+
+
 def cpu_us_per_msg(first: CpuSample, last: CpuSample, messages: int) -> dict[str, float]:
     """CPU time per message of each group between two samples (whatever else the window
     held, a drain's connect and its idle wait for the end, costs next to nothing)."""
@@ -1219,6 +1232,9 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
         out["ratio_ingest_to_fastest"] = round(ingest / fastest, 3) if fastest else None
         out["ratio_ceiling_to_fastest"] = (
             round(ceiling / fastest, 3) if ceiling and fastest else None
+        )
+        out["service_budget_us_at_half_fastest"] = service_budget_us(
+            out["ingest_cpu_us_per_msg"], os.cpu_count() or 1, fastest / 2
         )
 
         if config.scaling:

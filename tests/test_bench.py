@@ -29,7 +29,12 @@ from device_sim.load import (
     kind_of,
     probe_pool,
 )
-from gridwarden.bench import ceiling_msgs_per_s, cpu_us_per_msg, lag_quantile_ms
+from gridwarden.bench import (
+    ceiling_msgs_per_s,
+    cpu_us_per_msg,
+    lag_quantile_ms,
+    service_budget_us,
+)
 from gridwarden.cpu_usage import CpuSample
 
 REQUIRED = (
@@ -149,6 +154,12 @@ def test_the_ceiling_is_where_postgres_and_the_broker_alone_fill_every_core() ->
     assert ceiling_msgs_per_s(per_msg, 2) == 100_000.0
     assert ceiling_msgs_per_s(per_msg, 4) == 200_000.0
     assert ceiling_msgs_per_s({}, 2) is None  # nothing measured: no bound claimed
+    # At 50,000 msg/s two cores give 40 µs a message, 20 of them PostgreSQL's and the
+    # broker's: 20 left for the service. At 200,000 msg/s they alone need more than all.
+    assert service_budget_us(per_msg, 2, 50_000) == 20.0
+    assert service_budget_us(per_msg, 2, 200_000) == -10.0
+    assert service_budget_us(per_msg, 2, 0) is None
+    assert service_budget_us({}, 2, 50_000) is None
 
 
 def test_bench_json_has_every_figure() -> None:
@@ -196,6 +207,9 @@ def test_bench_json_has_every_figure() -> None:
     assert ceiling == ceiling_msgs_per_s(per_msg, cpus)
     assert result["ratio_ceiling_to_fastest"] == round(
         ceiling / result["baseline_fastest_msgs_per_s"], 3
+    )
+    assert result["service_budget_us_at_half_fastest"] == service_budget_us(
+        per_msg, cpus, result["baseline_fastest_msgs_per_s"] / 2
     )
     # The fastest bare consumer's own CPU a message, and the broker's for it.
     fastest_cost = result["baseline_fastest_cpu_us_per_msg"]
