@@ -813,9 +813,16 @@ def _critical_matcher(rule: Rule, holds: Matcher | None) -> Matcher | None:
     if rule.severity == "critical":
         return holds
     levels = [_matcher(level.when, False) for level in rule.levels if level.severity == "critical"]
-    if not levels:
+    if len(levels) <= 1:
+        return levels[0] if levels else None  # the usual case: no closure around it
+
+    def any_level(reading: Reading) -> bool | None:
+        for level in levels:
+            if level(reading) is True:
+                return True
         return None
-    return lambda reading: any(level(reading) is True for level in levels)
+
+    return any_level
 
 
 @dataclass(frozen=True, slots=True)
