@@ -1467,3 +1467,16 @@ def test_a_muted_device_and_an_event_are_never_urgent() -> None:
     assert muted.engine.urgent_devices([reading(0, "reading", "sd", {"alarm": True})]) == set()
     harness = Harness(load_rules())
     assert harness.engine.urgent_devices([reading(0, "event", "sd", "alarm")]) == set()
+
+
+def test_a_rule_with_several_critical_levels_is_urgent_when_any_of_them_holds() -> None:
+    hot = rule("t.hot", {"field": "temperature", "above": 40}, levels=[
+        {"when": {"field": "temperature", "above": 80}, "severity": "critical"},
+        {"when": {"field": "fill", "above": 99}, "severity": "critical"},
+    ])  # fmt: skip
+    harness = Harness(ruleset(hot))
+    urgent = harness.engine.urgent_devices
+    assert urgent([reading(0, "reading", "bin", {"temperature": 90})]) == {"bin"}
+    assert urgent([reading(0, "reading", "bin", {"temperature": 50, "fill": 100})]) == {"bin"}
+    # Hot, but only at the rule's own (minor) severity.
+    assert urgent([reading(0, "reading", "bin", {"temperature": 50, "fill": 50})]) == set()
