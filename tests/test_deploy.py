@@ -67,6 +67,7 @@ WATCHED = (
     "gridwarden_ingest_commit_seconds",
     "gridwarden_ingest_queue_depth",
     "gridwarden_ingest_db_errors_total",
+    "gridwarden_ingest_written_ahead_total",
     "gridwarden_alarm_streams",
     "gridwarden_case_intake_lag_seconds",
     "gridwarden_case_intake_handled_total",
