@@ -766,8 +766,13 @@ def ceiling_msgs_per_s(per_msg_us: dict[str, float], machine_cores: int) -> floa
     measured while ingesting, would keep every core of the machine busy: an upper bound
     for any service that stores each message there, even one that costs nothing itself
     (an estimate: both may get cheaper per message in bigger batches at higher rates)."""
-    floor_us = per_msg_us.get("postgres", 0.0) + per_msg_us.get("broker", 0.0)
+    floor_us = _storage_us(per_msg_us)
     return round(machine_cores / floor_us * 1e6, 1) if floor_us > 0 else None
+
+
+def _storage_us(per_msg_us: dict[str, float]) -> float:
+    """CPU a stored message costs PostgreSQL and the broker, whatever the service does."""
+    return per_msg_us.get("postgres", 0.0) + per_msg_us.get("broker", 0.0)
 
 
 def service_budget_us(
@@ -779,8 +784,7 @@ def service_budget_us(
     reaches the rate."""
     if rate <= 0 or not per_msg_us:
         return None
-    floor_us = per_msg_us.get("postgres", 0.0) + per_msg_us.get("broker", 0.0)
-    return round(machine_cores / rate * 1e6 - floor_us, 2)
+    return round(machine_cores / rate * 1e6 - _storage_us(per_msg_us), 2)
 
 
 def cpu_us_per_msg(first: CpuSample, last: CpuSample, messages: int) -> dict[str, float]:
@@ -1174,7 +1178,8 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
         out["ingest_msgs_per_s"] = round(ingest, 1)
         out["ingest_cpu_cores"] = measured.cpu_cores
         out["ingest_cpu_us_per_msg"] = measured.cpu_us_per_msg
-        ceiling = ceiling_msgs_per_s(out["ingest_cpu_us_per_msg"], os.cpu_count() or 1)
+        machine_cores = os.cpu_count() or 1
+        ceiling = ceiling_msgs_per_s(out["ingest_cpu_us_per_msg"], machine_cores)
         out["ingest_ceiling_msgs_per_s"] = ceiling
         progress(f"ingest: CPU µs a message {out['ingest_cpu_us_per_msg']}; PostgreSQL "
                  f"and the broker alone fill the machine at {ceiling or 0:,.0f} msg/s")  # fmt: skip
@@ -1234,7 +1239,7 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
             round(ceiling / fastest, 3) if ceiling and fastest else None
         )
         out["service_budget_us_at_half_fastest"] = service_budget_us(
-            out["ingest_cpu_us_per_msg"], os.cpu_count() or 1, fastest / 2
+            out["ingest_cpu_us_per_msg"], machine_cores, fastest / 2
         )
 
         if config.scaling:
